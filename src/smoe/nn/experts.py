@@ -17,7 +17,9 @@ Backends (``Experts.backend``):
   (``torch.nn.functional.grouped_mm``, float32/bfloat16/float16, CPU and CUDA);
 * ``loop``: ``split`` by counts and one matmul per expert over ``unbind`` views (any dtype;
   avoids the full-size zero gradient per expert that indexing ``w[e]`` causes in backward);
-* ``auto`` (default): ``grouped_mm`` where it supports the dtype, else ``loop``.
+* ``auto`` (default): ``grouped_mm`` where it supports the dtype and the sizes (its operands'
+  leading strides must be multiples of 16 bytes: D and F divisible by 4 in float32), else
+  ``loop``.
 
 :meth:`Experts.expert_forward` runs one expert on any rows with plain matmuls: the reference.
 """
@@ -73,6 +75,16 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str,
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     raise ValueError(f"activation={activation!r} is invalid")
+
+
+def _grouped_mm_aligned(x_AD: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
+                        inner: int) -> bool:
+    """Whether ``grouped_mm`` accepts these operands: each matrix's leading stride (and the
+    width ``inner`` of the contiguous activation fed to the second GEMM) must be a multiple of
+    16 bytes, so e.g. float32 needs D and F divisible by 4, bfloat16 by 8."""
+    align = 16 // x_AD.element_size()
+    leading = [max(t.stride()[-2:]) for t in (x_AD, w_in, w_down)]
+    return all(s % align == 0 for s in leading + [inner])
 
 
 class Experts(nn.Module):
@@ -145,9 +157,11 @@ class Experts(nn.Module):
                 expert_A: torch.Tensor | None = None) -> torch.Tensor:
         """Run each expert on its contiguous rows: y_AD. ``expert_A`` is needed for biases."""
         backend = self._backend
-        if backend == "auto":
-            backend = "grouped_mm" if x_AD.dtype in _GROUPED_MM_DTYPES else "loop"
         w_in, w_down = self.weights_in_out()
+        if backend == "auto":
+            fits = x_AD.dtype in _GROUPED_MM_DTYPES and _grouped_mm_aligned(
+                x_AD, w_in, w_down, self.config.expert_size)
+            backend = "grouped_mm" if fits else "loop"
         if backend == "grouped_mm":
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
             h = F.grouped_mm(x_AD, w_in, offs=offs_E)
@@ -155,13 +169,40 @@ class Experts(nn.Module):
             y = F.grouped_mm(self._act(h), w_down, offs=offs_E)
         else:
             sizes = counts_E.tolist()
-            parts = [x_e @ w_e for x_e, w_e in zip(x_AD.split(sizes), w_in.unbind(0))]
-            h = torch.cat(parts) if parts else x_AD.new_zeros(0, w_in.shape[-1])
+            h = self._matmul_per_expert(x_AD, w_in, sizes)
             h = self._add_bias(h, self.in_proj_bias, expert_A)
-            a = self._act(h)
-            parts = [a_e @ w_e for a_e, w_e in zip(a.split(sizes), w_down.unbind(0))]
-            y = torch.cat(parts) if parts else x_AD.new_zeros(0, w_down.shape[-1])
+            y = self._matmul_per_expert(self._act(h), w_down, sizes)
         return self._add_bias(y, self.down_proj_bias, expert_A)
+
+    def forward_decode(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
+                       weights_TK: torch.Tensor, weighted: bool = True) -> torch.Tensor:
+        """Few tokens, no autograd (decoding): walk the (token, expert) pairs and read only the
+        chosen experts' weights, with no sort, gather or scatter. Memory-bound like a dense FFN
+        of width K*F. Reads routing decisions on the host, so it is meant for CPU inference.
+        """
+        w_in, w_down = self.weights_in_out()
+        b_in, b_down = self.in_proj_bias, self.down_proj_bias
+        out_TD = torch.zeros_like(x_TD)
+        for t, (row_e, row_w) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
+            x_1D = x_TD[t:t + 1]
+            for e, w in zip(row_e, row_w):
+                x_in = x_1D * w if not weighted else x_1D
+                h = x_in @ w_in[e]
+                if b_in is not None:
+                    h = h + b_in[e]
+                y = self._act(h) @ w_down[e]
+                if b_down is not None:
+                    y = y + b_down[e]
+                out_TD[t:t + 1].add_(y, alpha=w if weighted else 1.0)
+        return out_TD
+
+    @staticmethod
+    def _matmul_per_expert(x_AI: torch.Tensor, w_EIO: torch.Tensor,
+                           sizes: list[int]) -> torch.Tensor:
+        """Row block e of x times w[e]; experts with no rows cost nothing."""
+        parts = [x_e @ w_e for x_e, w_e, n in zip(x_AI.split(sizes), w_EIO.unbind(0), sizes)
+                 if n]
+        return torch.cat(parts) if parts else x_AI.new_zeros(0, w_EIO.shape[-1])
 
     @staticmethod
     def _add_bias(h: torch.Tensor, bias_E: torch.Tensor | None,

@@ -15,8 +15,6 @@ dispatcher, quantized experts) without touching this forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -29,9 +27,9 @@ from smoe.nn.router import Router, RouterOutput
 __all__ = ["MoELayer", "MoEInfo"]
 
 
-@dataclass
 class MoEInfo:
-    """Statistics of one forward, as tensors: reading them is what syncs with the device.
+    """Statistics of one forward, as tensors: nothing here syncs with the device until read,
+    and the losses and counts are only computed when first read (inference pays nothing).
 
     tokens_per_expert: LongTensor [E], rows each expert processed (after capacity).
     aux_loss: weighted balance losses (Switch/GShard, sequence-wise, noisy importance+load).
@@ -42,20 +40,72 @@ class MoEInfo:
     router_logits: [T, E] float32; expert_indices / expert_weights: [T, K] (token choice).
     """
 
-    tokens_per_expert: torch.Tensor
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
-    dropped_tokens: torch.Tensor
-    dropped_assignments: torch.Tensor
-    capacity: int | None
-    router_logits: torch.Tensor
-    expert_indices: torch.Tensor | None = None
-    expert_weights: torch.Tensor | None = None
+    def __init__(self, layer: "MoELayer", route: RouterOutput, plan: Assignments | None,
+                 num_sequences: int) -> None:
+        self._layer = layer
+        self._route = route
+        self._plan = plan
+        self._num_sequences = num_sequences
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _cached(self, key: str, compute) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def router_logits(self) -> torch.Tensor:
+        return self._route.logits_TE
+
+    @property
+    def expert_indices(self) -> torch.Tensor | None:
+        return self._route.experts_TK
+
+    @property
+    def expert_weights(self) -> torch.Tensor | None:
+        return self._route.weights_TK
+
+    @property
+    def capacity(self) -> int | None:
+        return None if self._plan is None else self._plan.capacity
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        if self._plan is not None:
+            return self._plan.counts_E
+        E = self._layer.config.num_experts
+        return self._cached("counts", lambda: torch.bincount(
+            self._route.experts_TK.reshape(-1), minlength=E))
+
+    @property
+    def dropped_tokens(self) -> torch.Tensor:
+        if self._plan is not None:
+            return self._plan.dropped_tokens
+        return torch.zeros((), dtype=torch.long, device=self._route.logits_TE.device)
+
+    @property
+    def dropped_assignments(self) -> torch.Tensor:
+        if self._plan is not None:
+            return self._plan.dropped_assignments
+        return torch.zeros((), dtype=torch.long, device=self._route.logits_TE.device)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._cached("aux", lambda: self._layer._aux_loss(self._route,
+                                                                 self._num_sequences))
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self._cached("z", lambda: self._layer._z_loss(self._route))
 
     @property
     def loss(self) -> torch.Tensor:
         """aux_loss + z_loss: what a training loop adds to its objective."""
         return self.aux_loss + self.z_loss
+
+    def __repr__(self) -> str:
+        return (f"MoEInfo(tokens={self._route.logits_TE.shape[0]}, "
+                f"experts={self._layer.config.num_experts}, capacity={self.capacity})")
 
 
 class MoELayer(nn.Module):
@@ -87,6 +137,9 @@ class MoELayer(nn.Module):
         else:
             self.load_since_update = None
         self.use_reference = False
+        # Up to this many tokens without autograd on CPU, the per-(token, expert) decode path
+        # runs instead of sort + grouped GEMM (see benchmarks/layer.py for the crossover).
+        self.decode_max_tokens = 1
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, causal: bool = False) -> tuple[torch.Tensor, MoEInfo]:
@@ -109,6 +162,10 @@ class MoELayer(nn.Module):
         if self.use_reference:
             plan = plan_assignments_reference(route, cfg.num_experts, capacity)
             out_TD = self._experts_reference(x_TD, plan)
+        elif self._decode_path_applies(x_TD, route, capacity):
+            plan = None
+            out_TD = self.experts.forward_decode(x_TD, route.experts_TK, route.weights_TK,
+                                                 weighted=not cfg.weights_on_input)
         else:
             plan = plan_assignments(route, cfg.num_experts, capacity)
             out_TD = self._experts_sparse(x_TD, plan)
@@ -118,20 +175,18 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
 
+        info = MoEInfo(self, route, plan, num_sequences)
         if self.load_since_update is not None and self.training:
-            self.load_since_update += plan.counts_E.detach()
-        info = MoEInfo(
-            tokens_per_expert=plan.counts_E,
-            aux_loss=self._aux_loss(route, num_sequences),
-            z_loss=self._z_loss(route),
-            dropped_tokens=plan.dropped_tokens,
-            dropped_assignments=plan.dropped_assignments,
-            capacity=plan.capacity,
-            router_logits=route.logits_TE,
-            expert_indices=route.experts_TK,
-            expert_weights=route.weights_TK,
-        )
+            self.load_since_update += info.tokens_per_expert.detach()
         return out_TD.reshape(shape), info
+
+    def _decode_path_applies(self, x_TD: torch.Tensor, route: RouterOutput,
+                             capacity: int | None) -> bool:
+        """Decoding (a few tokens, no autograd, CPU): read only the chosen experts' weights.
+        On accelerators the grouped path is used instead: it needs no host sync."""
+        return (x_TD.shape[0] <= self.decode_max_tokens and route.token_choice
+                and capacity is None and not torch.is_grad_enabled()
+                and x_TD.device.type == "cpu")
 
     def _experts_sparse(self, x_TD: torch.Tensor, plan: Assignments) -> torch.Tensor:
         x_AD = x_TD.index_select(0, plan.token_A)
@@ -143,8 +198,8 @@ class MoELayer(nn.Module):
     def _experts_reference(self, x_TD: torch.Tensor, plan: Assignments) -> torch.Tensor:
         """Every expert on every token, masked by a dense [T, E] combine matrix."""
         T, E = x_TD.shape[0], self.config.num_experts
-        weight_TE = x_TD.new_zeros(T, E, dtype=torch.float32).index_put(
-            (plan.token_A, plan.expert_A), plan.weight_A.float(), accumulate=True)
+        weight_TE = x_TD.new_zeros(T, E, dtype=plan.weight_A.dtype).index_put(
+            (plan.token_A, plan.expert_A), plan.weight_A, accumulate=True)
         chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
         chosen_TE[plan.token_A, plan.expert_A] = True
         out_TD = torch.zeros_like(x_TD)

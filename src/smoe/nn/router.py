@@ -69,6 +69,11 @@ def limit_to_groups(scores_TE: torch.Tensor, n_groups: int, topk_groups: int,
     return scores_TE.masked_fill(~keep_TE, float("-inf"))
 
 
+def _router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Router math runs in float32, or in float64 for float64 inputs (never downcast)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Router(nn.Module):
     """A linear scorer ``logits = x W^T (+ b)`` followed by one of the routing rules.
 
@@ -115,10 +120,11 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=config.init_std)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        dt = _router_dtype(x_TD.dtype)
         if self.logits_in_float32:
-            b = None if self.bias is None else self.bias.float()
-            return F.linear(x_TD.float(), self.weight.float(), b)
-        return F.linear(x_TD, self.weight, self.bias).float()
+            b = None if self.bias is None else self.bias.to(dt)
+            return F.linear(x_TD.to(dt), self.weight.to(dt), b)
+        return F.linear(x_TD, self.weight, self.bias).to(dt)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
@@ -142,8 +148,11 @@ class Router(nn.Module):
         weights_TK = probs_TE.gather(1, experts_TK)
         if cfg.norm_topk_prob and rule != "switch" and cfg.top_k > 1:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return RouterOutput(logits_TE, probs_TE, experts_TK,
-                            weights_TK * cfg.routed_scaling_factor)
+        return RouterOutput(logits_TE, probs_TE, experts_TK, self._scale(weights_TK))
+
+    def _scale(self, weights_TK: torch.Tensor) -> torch.Tensor:
+        s = self.config.routed_scaling_factor
+        return weights_TK if s == 1.0 else weights_TK * s
 
     def _sigmoid_bias(self, logits_TE: torch.Tensor) -> RouterOutput:
         cfg = self.config
@@ -156,12 +165,12 @@ class Router(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         # Balance-loss scores: sigmoid scores normalised per token (DeepSeek-V3 eq. 19).
         probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        return RouterOutput(logits_TE, probs_TE, experts_TK,
-                            weights_TK * cfg.routed_scaling_factor)
+        return RouterOutput(logits_TE, probs_TE, experts_TK, self._scale(weights_TK))
 
     def _noisy_topk(self, x_TD: torch.Tensor, logits_TE: torch.Tensor) -> RouterOutput:
         cfg = self.config
-        noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
+        dt = _router_dtype(x_TD.dtype)
+        noise_std_TE = F.softplus(F.linear(x_TD.to(dt), self.noise_weight.to(dt)))
         if self.training:
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         else:
