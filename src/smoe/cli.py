@@ -50,11 +50,30 @@ def _add_route(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     def run(a: argparse.Namespace) -> int:
-        from smoe.nn.report import route_report
+        from smoe.layer_report import route_report
 
         print(route_report(hidden_size=a.hidden_size, expert_size=a.expert_size,
                            num_experts=a.num_experts, top_k=a.top_k, router=a.router,
                            capacity_factor=a.capacity_factor, tokens=a.tokens, seed=a.seed))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@_registrar
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="total / active parameter counts and weight memory (fp32 to "
+                                    "int4) of a Hugging Face MoE model from its config.json alone")
+    p.add_argument("config", metavar="CONFIG", help="a config.json, or a folder holding one")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(a: argparse.Namespace) -> int:
+        import json
+
+        from smoe.plan import format_plan, plan_from_path
+
+        result = plan_from_path(a.config)
+        print(json.dumps(result.to_dict(), indent=2) if a.json else format_plan(result))
         return 0
 
     p.set_defaults(handler=run)
