@@ -8,10 +8,25 @@ PIP    := $(PY) -m pip
 # torch first, with the exact pin: the local CPU wheel serves it, an unpinned torch would pull CUDA.
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.smoe-installed
+# System packages from Debian: the default corpus's prose (Jane Austen's novels, public domain,
+# in r-cran-janeaustenr) and tcmalloc, which the smoe launcher preloads on CPU (it avoids
+# re-faulting large freshly allocated tensors; see BENCHMARKS.md).
+AUSTEN   := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+APT_PKGS := r-cran-janeaustenr libtcmalloc-minimal4
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup sysdeps bench clean
 
-setup: $(STAMP)
+setup: sysdeps $(STAMP)
+
+# Checked on every run (cheap), installed only when missing.
+sysdeps:
+	@if [ ! -f $(AUSTEN) ] || { [ "$$(uname -m)" = x86_64 ] && [ ! -f $(TCMALLOC) ]; }; then \
+	  echo "installing Debian packages: $(APT_PKGS)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +37,13 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: setup
 	$(PY) -m smoe.demo
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+test: setup
+	$(if $(wildcard $(TCMALLOC)),LD_PRELOAD=$(TCMALLOC)) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-bench: $(STAMP)
+bench: setup
 	$(PY) benchmarks/layer.py
 
 clean:

@@ -79,6 +79,123 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+@_registrar
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model into a run folder (or --resume one)",
+                       description="Train a preset on the default corpus (or --data) into RUN_DIR: "
+                                   "config.json, tokenizer.json, metrics.jsonl, tb/, checkpoint/. "
+                                   "The same seed and data give the same losses; a run stopped "
+                                   "at any point continues exactly with --resume.")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (new or empty; "
+                   "with --resume an existing run)")
+    p.add_argument("--preset", default=None, help="model preset (default tiny-moe)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer updates (default 200)")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="a text file or folder (repeatable); default: the built-in two-domain "
+                        "corpus")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default=None,
+                   help="byte (default) or a BPE trained on the train split")
+    p.add_argument("--router", default=None, help="replace the preset's MoE router")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per update")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate "
+                   "(default lr / 10)")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per update "
+                   "(must divide --batch-size)")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-batches", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--bf16", action="store_true", default=None,
+                   help="bfloat16 autocast for the forward passes")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from smoe.data import DataConfig
+        from smoe.train import TrainConfig, TrainingDiverged, resume_run, start_run
+        from smoe.train.report import format_eval
+
+        given = {"steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+                 "lr": a.lr, "min_lr": a.min_lr, "warmup_steps": a.warmup_steps,
+                 "grad_accum": a.grad_accum, "eval_every": a.eval_every,
+                 "eval_batches": a.eval_batches, "checkpoint_every": a.checkpoint_every,
+                 "log_every": a.log_every, "seed": a.seed, "bf16": a.bf16}
+        given = {k: v for k, v in given.items() if v is not None}
+        try:
+            if a.resume:
+                result = resume_run(a.out, given, progress=not a.no_progress,
+                                    expect={"preset": a.preset, "router": a.router,
+                                            "tokenizer": a.tokenizer, "data": a.data})
+            else:
+                if "lr" in given and "min_lr" not in given:
+                    given["min_lr"] = given["lr"] / 10
+                data = DataConfig(paths=tuple(a.data or ()), tokenizer=a.tokenizer or "byte")
+                result = start_run(a.out, TrainConfig(**given), preset=a.preset or "tiny-moe",
+                                   data=data, router=a.router, progress=not a.no_progress)
+        except TrainingDiverged as exc:
+            raise CLIError(f"{exc}; the last checkpoint in {a.out} is intact") from None
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: continue with `smoe train --out {a.out} --resume`",
+                  file=sys.stderr)
+            return 130
+        if result.last_eval is not None:
+            print(format_eval(result.last_eval))
+        print(f"trained to step {result.step} in {result.elapsed_s:.1f} s; run folder "
+              f"{result.run_dir}")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@_registrar
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+
+    def run(a: argparse.Namespace) -> int:
+        from smoe.train import generate_text
+
+        text = generate_text(a.run_dir, a.prompt, a.max_new_tokens, temperature=a.temperature,
+                             top_p=a.top_p, seed=a.seed)
+        print(a.prompt + text)
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+@_registrar
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss, bits per byte and per-expert load of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="validation batches (default: the run's eval_batches)")
+    p.add_argument("--by-domain", action="store_true",
+                   help="also print each domain's expert load")
+
+    def run(a: argparse.Namespace) -> int:
+        from smoe.train import eval_run
+        from smoe.train.report import format_domain_routing, format_eval
+
+        row = eval_run(a.run_dir, a.eval_batches)
+        print(format_eval(row))
+        if a.by_domain and "domain_routing" in row:
+            print("expert load by domain (share of each domain's routed tokens):")
+            print(format_domain_routing(row["domain_routing"], row.get("moe_layers")))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smoe",
@@ -91,9 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Subcommands that run long CPU work: the console entry re-executes them with tcmalloc.
+_HEAVY_COMMANDS = {"train", "bench", "eval", "generate"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command in _HEAVY_COMMANDS:
+        from smoe.launch import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
