@@ -41,7 +41,7 @@ demo: setup
 	$(PY) -m smoe.demo
 
 test: setup
-	$(if $(wildcard $(TCMALLOC)),LD_PRELOAD=$(TCMALLOC)) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	LD_PRELOAD="$$([ -f $(TCMALLOC) ] && echo $(TCMALLOC))" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/layer.py

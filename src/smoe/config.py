@@ -75,6 +75,8 @@ class MoEConfig:
         router: one of :data:`ROUTERS`.
         norm_topk_prob: renormalise the K chosen weights to sum to 1 (Mixtral: yes; Qwen/OLMoE:
             config flag; DeepSeek-V3: yes). Used by ``softmax_topk``, ``sigmoid_bias``.
+        norm_topk_eps: added to the sum of the K sigmoid scores before renormalising
+            (``sigmoid_bias``; DeepSeek-V3: 1e-20, LFM2-MoE: 1e-6).
         routed_scaling_factor: multiplies the routed experts' weights (DeepSeek-V3: 2.5).
         router_bias: a learned bias on the router logits (gpt-oss).
         n_groups, topk_groups: group-limited routing (DeepSeek-V3): experts are split into
@@ -114,6 +116,7 @@ class MoEConfig:
     shared_expert_size: int | None = None
     shared_expert_gate: bool = False
     norm_topk_prob: bool = True
+    norm_topk_eps: float = 1e-20
     routed_scaling_factor: float = 1.0
     n_groups: int = 1
     topk_groups: int = 1
@@ -159,6 +162,7 @@ class MoEConfig:
                                    "needs num_shared_experts >= 1")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise config_error("shared_expert_gate", True, "needs num_shared_experts >= 1")
+        _finite_number("norm_topk_eps", self.norm_topk_eps, minimum=0.0)
         _finite_number("routed_scaling_factor", self.routed_scaling_factor, minimum=0.0,
                        strict=True)
         _positive_int("n_groups", self.n_groups)

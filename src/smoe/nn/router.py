@@ -1,7 +1,8 @@
 """Routers: score every token against every expert and choose where it goes.
 
 Legend: T tokens, D hidden size, E (= N) routed experts, K experts chosen per token, C tokens an
-expert takes (expert choice). Router math runs in float32 whatever the input dtype.
+expert takes (expert choice). Router math runs in float32 whatever the input dtype (float64
+for float64 inputs: never a downcast).
 
 Every router returns a :class:`RouterOutput`. Token-choice routers fill ``experts_TK`` and
 ``weights_TK``; the expert-choice router fills ``tokens_EC`` and ``weights_EC`` instead.
@@ -162,7 +163,7 @@ class Router(nn.Module):
         _, experts_TK = biased_TE.topk(cfg.top_k, dim=-1)
         weights_TK = scores_TE.gather(1, experts_TK)
         if cfg.norm_topk_prob:
-            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + cfg.norm_topk_eps)
         # Balance-loss scores: sigmoid scores normalised per token (DeepSeek-V3 eq. 19).
         probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
         return RouterOutput(logits_TE, probs_TE, experts_TK, self._scale(weights_TK))
