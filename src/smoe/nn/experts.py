@@ -202,7 +202,8 @@ class Experts(nn.Module):
         """Row block e of x times w[e]; experts with no rows cost nothing."""
         parts = [x_e @ w_e for x_e, w_e, n in zip(x_AI.split(sizes), w_EIO.unbind(0), sizes)
                  if n]
-        return torch.cat(parts) if parts else x_AI.new_zeros(0, w_EIO.shape[-1])
+        # No rows at all: an empty product that stays in the autograd graph (not new_zeros).
+        return torch.cat(parts) if parts else x_AI @ w_EIO[0]
 
     @staticmethod
     def _add_bias(h: torch.Tensor, bias_E: torch.Tensor | None,

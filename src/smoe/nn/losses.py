@@ -1,7 +1,7 @@
 """Router losses. Legend: T tokens, E experts, K experts per token, S sequences.
 
-All functions return unweighted float32 scalars; the layer multiplies by the config's
-coefficients. Each is zero for an empty batch.
+All functions return unweighted float32 scalars (float64 for float64 inputs); the layer
+multiplies by the config's coefficients. Each is zero for an empty batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ __all__ = [
     "cv_squared",
     "noisy_topk_losses",
 ]
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast low-precision tensors to float32; float64 stays float64 (gradcheck, tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
@@ -67,14 +72,15 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     mean over tokens of logsumexp(logits)^2. Penalises large logits for numerical stability."""
     if logits_TE.shape[0] == 0:
         return logits_TE.new_zeros(())
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(_at_least_float32(logits_TE), dim=-1).square().mean()
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation, population variance / mean^2 (0 for one element)."""
     if x.numel() <= 1:
         return x.new_zeros(())
-    return x.float().var(unbiased=False) / (x.float().mean().square() + eps)
+    x = _at_least_float32(x)
+    return x.var(unbiased=False) / (x.mean().square() + eps)
 
 
 def noisy_topk_losses(logits_TE: torch.Tensor, noisy_TE: torch.Tensor,
