@@ -142,7 +142,8 @@ class Router(nn.Module):
         probs_TE = logits_TE.softmax(dim=-1)
         if rule == "topk_softmax":
             top_logits_TK, experts_TK = logits_TE.topk(cfg.top_k, dim=-1)
-            return RouterOutput(logits_TE, probs_TE, experts_TK, top_logits_TK.softmax(dim=-1))
+            return RouterOutput(logits_TE, probs_TE, experts_TK,
+                                self._scale(top_logits_TK.softmax(dim=-1)))
         # softmax_topk and switch: weights are the softmax probabilities of the chosen experts.
         select_TE = limit_to_groups(probs_TE, cfg.n_groups, cfg.topk_groups, cfg.group_score)
         _, experts_TK = select_TE.topk(cfg.top_k, dim=-1)
@@ -178,14 +179,15 @@ class Router(nn.Module):
             noisy_TE = logits_TE
         top_TK, experts_TK = noisy_TE.topk(cfg.top_k, dim=-1)
         return RouterOutput(logits_TE, logits_TE.softmax(dim=-1), experts_TK,
-                            top_TK.softmax(dim=-1), noisy_TE=noisy_TE,
+                            self._scale(top_TK.softmax(dim=-1)), noisy_TE=noisy_TE,
                             noise_std_TE=noise_std_TE)
 
     def _expert_choice(self, logits_TE: torch.Tensor) -> RouterOutput:
         probs_TE = logits_TE.softmax(dim=-1)
         capacity = self.config.capacity(logits_TE.shape[0])
         weights_CE, tokens_CE = probs_TE.topk(capacity, dim=0)
-        return RouterOutput(logits_TE, probs_TE, tokens_EC=tokens_CE.T, weights_EC=weights_CE.T)
+        return RouterOutput(logits_TE, probs_TE, tokens_EC=tokens_CE.T,
+                            weights_EC=self._scale(weights_CE.T))
 
     def _sparsemixer(self, logits_TE: torch.Tensor) -> RouterOutput:
         eps2 = 2 * self.config.sparsemixer_jitter_eps
@@ -201,7 +203,7 @@ class Router(nn.Module):
             weights.append(gates_TE.gather(1, pick_T1))
             scores_TE = scores_TE.scatter(1, pick_T1, float("-inf"))
         return RouterOutput(logits_TE, logits_TE.softmax(dim=-1), torch.cat(picks, 1),
-                            torch.cat(weights, 1))
+                            self._scale(torch.cat(weights, 1)))
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
