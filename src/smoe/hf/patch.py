@@ -1,0 +1,434 @@
+"""Run a loaded transformers MoE model's sparse MoE blocks on smoe layers, in place.
+
+    import smoe.hf
+    model = AutoModelForCausalLM.from_pretrained(path)
+    smoe.hf.patch(model)     # every sparse MoE block now runs on an smoe MoELayer
+    smoe.hf.unpatch(model)   # back to the original blocks
+
+How it works
+------------
+Nothing in the model's module tree is replaced. Each sparse MoE block (found by class name in
+:data:`smoe.hf.families.BLOCKS`) keeps its class, children, parameters, buffers, state-dict keys
+and hooks; patching sets an instance attribute ``forward`` on the block, so ``block(x)`` still
+goes through ``nn.Module.__call__`` (and every hook on the block) and lands in the smoe path.
+``unpatch`` deletes that attribute: the same objects run their own code again.
+
+The smoe :class:`~smoe.MoELayer` of a block is built on the meta device and then handed the
+block's own ``nn.Parameter`` objects (router weight and bias, stacked expert weights and biases,
+shared expert, shared-expert gate) and its selection-bias tensor: no weight is copied. Layouts
+smoe does not store natively are read in place: gpt-oss and Llama 4 through
+``Experts.transposed`` / ``Experts.interleaved``, DBRX through
+:class:`smoe.hf.experts.SplitExperts`. The layer is not registered as a submodule, so
+``parameters()``, ``state_dict()`` and ``save_pretrained`` see exactly the original model; it is
+a view over the block's tensors. Each forward re-binds any tensor the model has swapped since
+(``model.to()`` replaces buffers) and follows the block's ``train()`` / ``eval()`` mode.
+
+Router logits. transformers 5 collects ``router_logits`` (for ``output_router_logits=True`` and
+its auxiliary loss) with forward hooks that ``OutputRecorder`` installs, lazily, on the router
+modules. The patched block therefore still calls the block's original router module, so every
+hook on it fires, whether installed before or after patching. While patched, the router's
+``forward`` is a replay: inside the patched block's call it returns what the smoe router decided,
+in the original router's format and dtypes (logits with the same values, the routing weights
+and indices), instead of routing a second time; called from anywhere else it runs its own
+``forward``. The recorded logits keep their autograd graph, so the model's own auxiliary loss
+trains the router as before.
+
+Numerics follow each family (see :mod:`smoe.hf.families`): whether the router linear runs in
+the input dtype or in float32, the renormalisation rule and its epsilon, routed scaling, group
+limits, the selection bias, biases and clamped SwiGLU of gpt-oss, weights on the expert input
+for Llama 4. Input jitter that a block applies in training (Mixtral's ``router_jitter_noise``,
+Phi-3.5-MoE's ``input_jitter_noise``, DBRX's ``moe_jitter_eps``) is applied to the layer's input.
+
+Limits: Phi-3.5-MoE in training mode samples its experts (Gumbel) and uses a Heun-style gradient
+estimator; smoe's ``sparsemixer`` keeps the deterministic inference picks in training too, so a
+patched Phi-3.5-MoE trains differently (inference is identical). Hooks that replace a module's
+``forward`` themselves (accelerate's offloading) are not composed with.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoe.config import MoEConfig
+from smoe.hf.experts import SplitExperts
+from smoe.hf.families import BLOCKS, SUPPORTED_FAMILIES, Block
+from smoe.nn.experts import DenseMLP
+from smoe.nn.moe import MoEInfo, MoELayer
+
+__all__ = ["patch", "unpatch", "is_patched", "patched_layers"]
+
+_ATTR = "_smoe_hf_patch"
+# (router module, its replayed output) while a patched block calls its router for the hooks.
+_REPLAY: ContextVar[tuple[nn.Module, Any] | None] = ContextVar("smoe_hf_replay", default=None)
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("smoe.hf needs transformers: pip install smoe[hf]") from e
+
+
+# -- reading a block ------------------------------------------------------------------------
+def _owner(block: nn.Module, router: nn.Module, path: str) -> tuple[Any, str]:
+    """(object, attribute name) that a family path points at; see :mod:`smoe.hf.families`."""
+    obj: Any = router
+    if path.startswith("block."):
+        obj, path = block, path[len("block."):]
+    *parents, name = path.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    return obj, name
+
+
+def _read(block: nn.Module, router: nn.Module, path: str) -> Any:
+    return getattr(*_owner(block, router, path))
+
+
+def _activation(act: Any) -> str:
+    """smoe's gated activation for a transformers activation module or function."""
+    name = getattr(act, "__name__", None) or type(act).__name__
+    if name in ("SiLUActivation", "SiLU", "silu"):
+        return "swiglu"
+    if name == "GELUActivation":
+        return "geglu"
+    if name == "GELUTanh" or (name == "GELU" and getattr(act, "approximate", "") == "tanh"):
+        return "geglu_tanh"
+    if name in ("GELU", "gelu"):
+        return "geglu"
+    raise ValueError(f"smoe.hf: the activation {name} has no smoe equivalent")
+
+
+def _experts(block: nn.Module, spec: Block) -> dict[str, Any]:
+    """Sizes, activation and (smoe name, source module, source name) tensor bindings."""
+    src = getattr(block, spec.experts) if spec.experts else block
+    out: dict[str, Any] = {"transposed": False, "interleaved": False, "split": False,
+                           "alpha": None, "limit": None, "expert_bias": False}
+    if spec.layout == "dbrx":
+        mlp = src.mlp
+        out.update(E=src.num_experts, F=src.ffn_hidden_size, D=src.hidden_size,
+                   activation=_activation(mlp.activation_fn), split=True, transposed=True,
+                   binds=[("gate_proj", mlp, "w1"), ("up_proj", mlp, "v1"),
+                          ("down_proj", mlp, "w2")])
+        return out
+    if spec.layout == "jetmoe":
+        w_in, w_down = src.input_linear.weight, src.output_linear.weight
+        binds = [("gate_up_proj", src.input_linear, "weight"),
+                 ("down_proj", src.output_linear, "weight")]
+        act = src.activation
+    else:
+        w_in, w_down = src.gate_up_proj, src.down_proj
+        binds = [("gate_up_proj", src, "gate_up_proj"), ("down_proj", src, "down_proj")]
+        act = getattr(src, "act_fn", None)
+    if spec.layout in ("gpt_oss", "llama4"):
+        E, D, two_f = w_in.shape
+        expected_down = (E, two_f // 2, D)
+        out["transposed"] = True
+    else:
+        E, two_f, D = w_in.shape
+        expected_down = (E, D, two_f // 2)
+    if tuple(w_down.shape) != expected_down:
+        raise ValueError(f"smoe.hf: {type(block).__name__} has down_proj {tuple(w_down.shape)}, "
+                         f"expected {expected_down}")
+    if spec.layout == "gpt_oss":
+        out.update(activation="swiglu_oai", alpha=float(src.alpha), limit=float(src.limit),
+                   interleaved=True)
+    else:
+        out["activation"] = _activation(act)
+    bias_in = getattr(src, "gate_up_proj_bias", None)
+    if bias_in is not None:
+        binds += [("gate_up_proj_bias", src, "gate_up_proj_bias"),
+                  ("down_proj_bias", src, "down_proj_bias")]
+    out.update(E=E, F=two_f // 2, D=D, binds=binds, expert_bias=bias_in is not None)
+    return out
+
+
+def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]:
+    """MoEConfig fields of the block's router, read from the loaded modules."""
+    r = spec.routing
+    name = type(block).__name__
+    top_k = int(_read(block, router, r.top_k))
+    norm = r.norm if isinstance(r.norm, bool) else _read(block, router, r.norm)
+    scale = (float(r.scale) if isinstance(r.scale, (int, float))
+             else float(_read(block, router, r.scale)))
+    kw: dict[str, Any] = dict(top_k=top_k, routed_scaling_factor=scale,
+                              router_bias=r.bias is not None)
+    # Rules that are another rule with settings read from the module.
+    rule = r.rule
+    if rule == "cohere2":
+        fn = router.expert_selection_fn
+        if fn not in ("softmax", "sigmoid"):
+            raise ValueError(f"smoe.hf: {name} expert_selection_fn={fn!r} is not supported")
+        rule = "topk_softmax" if fn == "softmax" else "sigmoid"
+    elif rule == "dbrx":  # norm is the p of a p-norm; the weights are positive, so p=1 is a sum
+        if norm is not None and float(norm) != 1.0:
+            raise ValueError(f"smoe.hf: {name} moe_normalize_expert_weights={norm} (a p-norm "
+                             "with p != 1) has no smoe equivalent; only None or 1 are supported")
+        norm, rule = norm is not None, "softmax_topk"
+    elif rule == "deepseek_v2":
+        method = router.topk_method
+        if method == "group_limited_greedy":
+            kw.update(n_groups=int(router.num_group), topk_groups=int(router.topk_group),
+                      group_score="max")
+        elif method != "greedy":
+            raise ValueError(f"smoe.hf: {name} topk_method={method!r} is not supported")
+        rule = "softmax_topk"
+    kw["norm_topk_prob"] = norm = bool(norm)
+
+    if rule == "softmax_topk":
+        # A renormalised top-1 weight is exactly 1: a softmax over the one chosen logit.
+        kw["router"] = "topk_softmax" if norm and top_k == 1 else "softmax_topk"
+    elif rule == "topk_softmax":
+        kw["router"] = "topk_softmax"
+    elif rule in ("sigmoid", "llama4"):
+        kw.update(router="sigmoid_bias", norm_topk_eps=r.norm_eps)
+        if r.groups:
+            kw.update(n_groups=int(router.num_group), topk_groups=int(router.topk_group))
+        if rule == "llama4":
+            kw.update(norm_topk_prob=False, weights_on_input=True)
+    elif rule == "sparsemixer":
+        # transformers' sparsemixer is always top-2, whatever num_experts_per_tok says.
+        kw.update(router="sparsemixer", top_k=2,
+                  sparsemixer_jitter_eps=float(router.router_jitter_noise))
+    return kw
+
+
+# -- one patched block ----------------------------------------------------------------------
+class _RouterReplay:
+    """A router's ``forward`` while patched: the smoe decision inside the patched block's call,
+    the router's own ``forward`` anywhere else."""
+
+    def __init__(self, router: nn.Module, forward: Any) -> None:
+        self.router = router
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        replay = _REPLAY.get()
+        if replay is not None and replay[0] is self.router:
+            return replay[1]
+        return self.forward(*args, **kwargs)
+
+
+class _Patch:
+    """The smoe layer of one block and what is needed to run and undo it."""
+
+    def __init__(self, block: nn.Module, spec: Block, backend: str) -> None:
+        self.block, self.spec = block, spec
+        self.router = router = getattr(block, spec.router)
+        r = spec.routing
+        ex = _experts(block, spec)
+        kw = _routing(block, router, spec)
+        self.weight_owner = _owner(block, router, r.weight)
+        router_weight = getattr(*self.weight_owner)
+        if router_weight.shape != (ex["E"], ex["D"]):
+            raise ValueError(f"smoe.hf: {type(block).__name__} router weight has shape "
+                             f"{tuple(router_weight.shape)}, expected {(ex['E'], ex['D'])}")
+        mlp = getattr(block, spec.shared, None) if spec.shared else None
+        shared_gate = getattr(block, spec.shared_gate, None) if spec.shared_gate else None
+        shared_bias = False
+        if mlp is not None:
+            act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
+            if _activation(act) != ex["activation"]:
+                raise ValueError(f"smoe.hf: {type(block).__name__}'s shared expert uses another "
+                                 "activation than its routed experts")
+            shared_bias = mlp.gate_proj.bias is not None
+            kw.update(num_shared_experts=1, shared_expert_size=mlp.gate_proj.out_features,
+                      shared_expert_gate=shared_gate is not None)
+        extra = {} if ex["alpha"] is None else dict(activation_alpha=ex["alpha"],
+                                                    activation_limit=ex["limit"])
+        cfg = MoEConfig(hidden_size=ex["D"], expert_size=ex["F"], num_experts=ex["E"],
+                        activation=ex["activation"], expert_bias=ex["expert_bias"],
+                        aux_loss_coef=0.0, z_loss_coef=0.0, **kw, **extra)
+        with torch.device("meta"):
+            layer = MoELayer(cfg, backend=backend)
+            if ex["split"]:
+                layer.experts = SplitExperts(cfg, backend=backend)
+            if shared_bias:
+                layer.shared_experts = DenseMLP(cfg.hidden_size, cfg.shared_size, cfg.activation,
+                                                bias=True)
+        layer.experts.transposed = ex["transposed"]
+        layer.experts.interleaved = ex["interleaved"]
+        self.layer = layer
+
+        # (smoe module, name, source object, source name): re-checked on every forward.
+        binds = [(layer.router, "weight", *self.weight_owner)]
+        if r.bias is not None:
+            binds.append((layer.router, "bias", *_owner(block, router, r.bias)))
+        binds += [(layer.experts, dst, src, name) for dst, src, name in ex["binds"]]
+        if mlp is not None:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                binds.append((getattr(layer.shared_experts, proj), "weight",
+                              getattr(mlp, proj), "weight"))
+                if shared_bias:
+                    binds.append((getattr(layer.shared_experts, proj), "bias",
+                                  getattr(mlp, proj), "bias"))
+            if shared_gate is not None:
+                binds.append((layer.shared_expert_gate, "weight", shared_gate, "weight"))
+        # Tensors the model does not have (a zero selection bias, smoe's load counter) are owned
+        # here and follow the router weight's device.
+        self.owned: list[tuple[nn.Module, str]] = []
+        device = router_weight.device
+        if cfg.router == "sigmoid_bias":
+            owner = (_owner(block, router, r.correction_bias) if r.correction_bias else None)
+            if owner is not None and getattr(owner[0], owner[1], None) is not None:
+                binds.append((layer.router, "expert_bias", *owner))
+            else:
+                layer.router.expert_bias = torch.zeros(cfg.num_experts, device=device)
+                self.owned.append((layer.router, "expert_bias"))
+            layer.load_since_update = torch.zeros(cfg.num_experts, dtype=torch.long,
+                                                  device=device)
+            self.owned.append((layer, "load_since_update"))
+        self.binds = binds
+        self._bind()
+        left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
+                if t.is_meta and not router_weight.is_meta]
+        if left:  # a table row that misses a tensor: fail loudly rather than run on garbage
+            raise RuntimeError(f"smoe.hf: {type(block).__name__}: unbound tensors {left}")
+        self.jitter = [_owner(block, router, p) for p in spec.jitter]
+        self.output_bias = (_owner(block, router, spec.output_bias) if spec.output_bias
+                            else None)
+        self.average = (spec.shared_combine is not None and mlp is not None
+                        and _read(block, router, spec.shared_combine) == "average")
+        self._saved: dict[str, Any] = {}
+
+    # -- install / remove -------------------------------------------------------------------
+    def install(self) -> None:
+        block, router = self.block, self.router
+        self._saved = {"block": block.__dict__.get("forward"),
+                       "router": router.__dict__.get("forward")}
+        router.forward = _RouterReplay(router, router.forward)
+        block.forward = self.forward
+        setattr(block, _ATTR, self)
+
+    def remove(self) -> None:
+        for module, key in ((self.block, "block"), (self.router, "router")):
+            del module.forward
+            if self._saved[key] is not None:
+                module.forward = self._saved[key]
+        delattr(self.block, _ATTR)
+
+    # -- running ----------------------------------------------------------------------------
+    def _bind(self) -> None:
+        for dst, name, src, src_name in self.binds:
+            t = getattr(src, src_name)
+            if getattr(dst, name) is not t:
+                setattr(dst, name, t)
+        device = getattr(*self.weight_owner).device
+        for module, name in self.owned:
+            t = getattr(module, name)
+            if t.device != device:
+                setattr(module, name, t.to(device))
+
+    def _logits_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """dtype of the router linear in the original model."""
+        policy = self.spec.routing.logits
+        if policy == "float32":
+            return torch.float32
+        if policy == "weight":
+            return getattr(*self.weight_owner).dtype
+        return x.dtype
+
+    def forward(self, hidden_states: torch.Tensor) -> Any:
+        """The block's ``forward`` while patched: same argument, same return value."""
+        block, layer = self.block, self.layer
+        self._bind()
+        if layer.training != block.training:
+            layer.train(block.training)
+        x = hidden_states
+        logits_dtype = self._logits_dtype(x)
+        layer.router.logits_in_float32 = logits_dtype == torch.float32
+        if block.training:
+            for owner, name in self.jitter:
+                amp = getattr(owner, name, None)
+                if amp:
+                    x = x * torch.empty_like(x).uniform_(1.0 - amp, 1.0 + amp)
+        y, info = layer(x)
+        x_TD = x.reshape(-1, x.shape[-1])
+        routed = self._router_output(x_TD, info, logits_dtype)
+        token = _REPLAY.set((self.router, routed))
+        try:
+            self.router(x_TD)  # the router's hooks (router_logits recording) see `routed`
+        finally:
+            _REPLAY.reset(token)
+        if self.output_bias is not None:
+            y = y + getattr(*self.output_bias)
+        if self.average:
+            y = y / 2
+        returns = self.spec.returns
+        if returns == "hidden_and_weights":
+            return y, routed[1]
+        if returns == "flat_hidden_and_logits":
+            return y.reshape(-1, y.shape[-1]), routed[1]
+        return y
+
+    def _router_output(self, x_TD: torch.Tensor, info: MoEInfo,
+                       logits_dtype: torch.dtype) -> Any:
+        """What the original router would have returned, from the smoe router's decision."""
+        r = self.spec.routing
+        logits = info.router_logits
+        logits = logits.to(torch.float32 if r.logits_out == "float32" else logits_dtype)
+        weights_dtype = {"float32": torch.float32, "logits": logits.dtype,
+                         "input": x_TD.dtype}[r.weights_out]
+        indices, weights = info.expert_indices, info.expert_weights.to(weights_dtype)
+        if r.returns == "logits":
+            return logits
+        if r.returns == "scores_logits":
+            scores = torch.zeros_like(logits).scatter(1, indices, weights.to(logits.dtype))
+            return scores, logits
+        if r.returns == "jetmoe":
+            K = indices.shape[1]
+            _, index_sorted = indices.flatten().sort(0)
+            expert_size = torch.bincount(indices.flatten(),
+                                         minlength=self.layer.config.num_experts).tolist()
+            return (index_sorted, index_sorted.div(K, rounding_mode="trunc"),
+                    weights.flatten()[index_sorted], expert_size, logits)
+        return logits, weights, indices
+
+
+# -- public API -----------------------------------------------------------------------------
+def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Make every sparse MoE block of a transformers model run on an smoe MoELayer, in place.
+
+    The layers use the model's own parameters (no copy); outputs, router logits, the model's
+    auxiliary loss, ``generate`` and training work unchanged. ``backend`` is the experts
+    backend (see :class:`smoe.nn.Experts`). Returns ``model``. Raises ``ValueError`` for a
+    model with no supported MoE block (the message lists the supported families) or one that
+    is already patched.
+    """
+    _require_transformers()
+    if is_patched(model):
+        raise ValueError("smoe.hf.patch: the model is already patched; call unpatch first")
+    found = [(m, BLOCKS[type(m).__name__]) for m in model.modules()
+             if type(m).__name__ in BLOCKS]
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"smoe.hf.patch: no sparse MoE block smoe can run in this "
+                         f"{model_type!r} model; supported families: "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    patches = [_Patch(block, spec, backend) for block, spec in found]  # all built, then installed
+    for p in patches:
+        p.install()
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: the original blocks run their own code again. Returns ``model``."""
+    for m in model.modules():
+        p = m.__dict__.get(_ATTR)
+        if p is not None:
+            p.remove()
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(_ATTR in m.__dict__ for m in model.modules())
+
+
+def patched_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """Qualified block name -> the smoe layer running it (for inspection and monitoring)."""
+    return {name: m.__dict__[_ATTR].layer for name, m in model.named_modules()
+            if _ATTR in m.__dict__}
