@@ -1,0 +1,133 @@
+"""AdamW with decay only where it belongs, the learning-rate schedule, and the optimizer state
+as named tensors + JSON scalars (what a checkpoint stores, no pickle).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from smoe.train.config import TrainConfig
+
+__all__ = ["lr_at", "param_groups", "build_optimizer", "set_lr", "optimizer_state_to_tensors",
+           "optimizer_state_from_tensors"]
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Learning rate of update number ``it`` (0-based: the first update uses ``lr_at(0)``).
+
+    Linear warmup ``lr * (it + 1) / warmup_steps`` for ``it < warmup_steps``, then a half
+    cosine from ``lr`` down to ``min_lr``, reached at ``it == steps``; constant after.
+    """
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / cfg.warmup_steps
+    if it >= cfg.steps:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)  # warmup <= it < steps
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """Parameters that get no weight decay: norms, biases, embeddings (and what is tied to them)."""
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            ids.add(id(module.weight))
+    for _, p in model.named_parameters():
+        if p.dim() < 2:  # biases, norm scales, any per-channel vector
+            ids.add(id(p))
+    return ids
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups by parameter name: ``decay`` (matrices) and ``no_decay`` (the rest)."""
+    skip = _no_decay_ids(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied parameters appear once
+        if not p.requires_grad:
+            continue
+        (no_decay if id(p) in skip else decay).append((name, p))
+    groups = [
+        {"name": "decay", "params": [p for _, p in decay], "param_names": [n for n, _ in decay],
+         "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for _, p in no_decay],
+         "param_names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # foreach=False: the same single-tensor kernels on every device, one less source of drift.
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(0, cfg),
+                             betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (list, dict)):
+        return v
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    raise TypeError(f"optimizer hyperparameter {v!r} cannot be stored as JSON")
+
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state into named tensors ``"<param name>/<key>"`` and JSON scalars.
+
+    Needs param groups built by :func:`param_groups` (each group carries ``param_names``).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({k: _jsonable(v) for k, v in group.items() if k != "params"})
+        for name, p in zip(group["param_names"], group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = _jsonable(value)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                                 meta: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state_to_tensors`: load the state into ``optimizer``."""
+    saved_groups = meta["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError("checkpoint optimizer has a different number of parameter groups")
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    index = 0
+    per_param: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        name, _, field = key.rpartition("/")
+        per_param.setdefault(name, {})[field] = t
+    for name, fields in meta.get("scalars", {}).items():
+        per_param.setdefault(name, {}).update(fields)
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        if saved["param_names"] != group["param_names"]:
+            raise ValueError(f"checkpoint optimizer group {saved.get('name')!r} holds other "
+                             "parameters than this model")
+        ids = []
+        for name in group["param_names"]:
+            if name in per_param:
+                state[index] = per_param[name]
+            ids.append(index)
+            index += 1
+        g = dict(saved)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        g["params"] = ids
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,361 @@
+"""A training run in a folder: start one, resume one, load one for generation or evaluation.
+
+``RUN_DIR`` holds::
+
+    config.json       {"format": "smoe-run", "model": ..., "train": ..., "data": ..., ...}
+    tokenizer.json    the tokenizer (smoe.data)
+    metrics.jsonl     one JSON object per logged step and per evaluation
+    tb/               TensorBoard events (when tensorboard is installed)
+    checkpoint/       the latest checkpoint (smoe.train.checkpoint)
+
+Nothing is written until every input has been checked: a missing data path, an unknown preset
+or a folder that holds something else raise before the folder is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smoe.config import ModelConfig, preset as get_preset
+from smoe.train.checkpoint import checkpoint_dir, load_model_weights, read_state
+from smoe.train.config import TrainConfig
+from smoe.train.loop import Trainer, evaluate_model
+from smoe.train.metrics import MetricsLogger, truncate_metrics
+
+__all__ = ["RUN_CONFIG", "RUN_FORMAT", "RESUMABLE_CHANGES", "RunResult", "LoadedRun",
+           "is_smoe_run", "read_run_config", "model_config_for", "start_run", "resume_run",
+           "load_run", "eval_run", "generate_text"]
+
+RUN_CONFIG = "config.json"
+RUN_FORMAT = "smoe-run"
+#: TrainConfig fields a resumed run may change (they do not alter the updates already made;
+#: ``steps`` moves the end of the cosine schedule).
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "log_every")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    elapsed_s: float          # training time of this call (not counting data preparation)
+    last_eval: dict[str, Any] | None
+    model: torch.nn.Module
+    tokenizer: Any
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    config: dict[str, Any]
+    step: int
+
+
+# -- run folders ------------------------------------------------------------------------------
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not an smoe run (no {RUN_CONFIG})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an smoe run config")
+    return data
+
+
+def is_smoe_run(run_dir: str | Path) -> bool:
+    try:
+        read_run_config(run_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from smoe.data.tokenizer import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _check_fresh_dir(run_dir: Path, replace: bool) -> None:
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise FileExistsError(f"{str(run_dir)!r} exists and is not a folder: choose another "
+                              "output folder")
+    if not any(run_dir.iterdir()):
+        return
+    if is_smoe_run(run_dir):
+        if replace:
+            return
+        step = _checkpoint_step(run_dir)
+        at = f" (checkpoint at step {step})" if step is not None else ""
+        raise FileExistsError(f"{str(run_dir)!r} is an existing smoe run{at}: pass --resume to "
+                              "continue it, or choose a new output folder")
+    raise FileExistsError(f"{str(run_dir)!r} is not empty and is not an smoe run: nothing was "
+                          "written; choose a new or empty output folder")
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    folder = checkpoint_dir(run_dir)
+    if folder is None:
+        return None
+    try:
+        return int(read_state(folder)["step"])
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+# -- building -------------------------------------------------------------------------------
+def model_config_for(preset: str, vocab_size: int, seq_len: int, router: str | None = None,
+                     train: TrainConfig | None = None) -> ModelConfig:
+    """The preset's config fitted to a tokenizer and a sequence length.
+
+    ``vocab_size`` is the tokenizer's; ``max_seq_len`` grows to ``seq_len`` if needed (RoPE has
+    no learned positions). ``router`` replaces the MoE router (``switch`` also sets top_k=1).
+    The train config's ``aux_loss_coef``/``z_loss_coef`` overrides go into the MoE config.
+    """
+    cfg = get_preset(preset)
+    cfg = cfg.replace(vocab_size=vocab_size, max_seq_len=max(cfg.max_seq_len, seq_len))
+    changes: dict[str, Any] = {}
+    if router is not None:
+        changes["router"] = router
+        if router == "switch":
+            changes["top_k"] = 1
+    if train is not None:
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(train, name) is not None:
+                changes[name] = getattr(train, name)
+    if changes:
+        if cfg.moe is None:
+            if router is not None:
+                raise ValueError(f"preset {preset!r} is dense: --router needs an MoE preset")
+            return cfg
+        cfg = cfg.replace(moe=cfg.moe.replace(**changes))
+    return cfg
+
+
+def _build_model(cfg: ModelConfig, device: torch.device | str):
+    from smoe.model import SMoETransformer
+
+    return SMoETransformer(cfg).to(device)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress: bool,
+         device: torch.device | str, log) -> RunResult:
+    from smoe.data import Batcher, val_batches
+
+    train_cfg = TrainConfig.from_dict(run_cfg["train"])
+    model_cfg = ModelConfig.from_dict(run_cfg["model"])
+    batcher = Batcher(data.train, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
+    val = val_batches(data.val, train_cfg.micro_batch_size, train_cfg.seq_len,
+                      max_batches=train_cfg.eval_batches * train_cfg.grad_accum)
+    bpt: dict[str | None, float] = {None: data.val.bytes_per_token()}
+    for name in data.val.domain_names:
+        if data.val.num_tokens(name):
+            bpt[name] = data.val.bytes_per_token(name)
+
+    _seed_all(train_cfg.seed)
+    model = _build_model(model_cfg, device)
+    folder = checkpoint_dir(run_dir) if resume else None
+    trainer = Trainer(model, train_cfg, batcher, val, val_bytes_per_token=bpt,
+                      domain_names=data.val.domain_names, run_dir=run_dir, progress=progress)
+    if folder is not None:
+        trainer.load_checkpoint(folder)
+        log(f"resuming {run_dir} from step {trainer.step} ({folder.name})")
+    elif resume:
+        log(f"{run_dir} has no checkpoint yet: starting it from step 0")
+    truncate_metrics(run_dir, trainer.step)
+    n = model.num_params()
+    active = model.num_active_params()
+    log(f"model {run_cfg.get('preset', '?')}: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M "
+        f"active per token; data: {len(data.train):,} train / {len(data.val):,} val tokens "
+        f"({', '.join(data.train.domain_names)}), tokenizer {data.tokenizer.kind} "
+        f"({data.tokenizer.vocab_size} ids)")
+    if trainer.step >= train_cfg.steps:
+        log(f"{run_dir} is already at step {trainer.step} of {train_cfg.steps}: nothing to do")
+        return RunResult(run_dir, trainer.step, 0.0, None, model, data.tokenizer)
+    start = trainer.elapsed_s
+    with MetricsLogger(run_dir, purge_step=trainer.step or None) as logger:
+        trainer.logger = logger
+        last_eval = trainer.fit()
+    return RunResult(run_dir, trainer.step, trainer.elapsed_s - start, last_eval, model,
+                     data.tokenizer)
+
+
+def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str = "tiny-moe",
+              data=None, router: str | None = None, replace: bool = False,
+              progress: bool = True, device: torch.device | str = "cpu", log=print,
+              extra: dict[str, Any] | None = None) -> RunResult:
+    """Train a new run into ``run_dir`` (missing or empty; with ``replace=True`` an earlier
+    smoe run there is deleted first). ``data`` is an :class:`smoe.data.DataConfig` (default:
+    the default corpus, byte tokenizer)."""
+    from smoe.data import DataConfig, prepare_data
+
+    run_dir = Path(run_dir)
+    _check_fresh_dir(run_dir, replace)
+    get_preset(preset)  # an unknown name raises here, before the data is read
+    data_cfg = data if data is not None else DataConfig()
+    # Absolute data paths, so that the run resumes from any working directory.
+    data_cfg = dataclasses.replace(data_cfg, paths=tuple(_abs(p) for p in data_cfg.paths))
+    prepared = prepare_data(data_cfg)
+    model_cfg = model_config_for(preset, prepared.tokenizer.vocab_size, train.seq_len, router,
+                                 train)
+    for name, stream in (("train", prepared.train), ("validation", prepared.val)):
+        if len(stream) < train.seq_len + 1:
+            raise ValueError(f"the {name} split has {len(stream)} tokens, fewer than seq_len + 1 "
+                             f"= {train.seq_len + 1}: give more data or a smaller --seq-len")
+    if replace and run_dir.exists() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)  # _check_fresh_dir made sure it is an smoe run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared.tokenizer.save(run_dir)
+    run_cfg = {"format": RUN_FORMAT, "version": 1, "preset": preset, "router": router,
+               "model": model_cfg.to_dict(), "train": train.to_dict(),
+               "data": data_cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               **(extra or {})}
+    _write_json(run_dir / RUN_CONFIG, run_cfg)
+    return _run(run_dir, run_cfg, prepared, resume=False, progress=progress, device=device,
+                log=log)
+
+
+def resume_run(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
+               expect: dict[str, Any] | None = None, progress: bool = True,
+               device: torch.device | str = "cpu", log=print) -> RunResult:
+    """Continue the run in ``run_dir`` from its checkpoint, exactly as if never stopped.
+
+    ``changes``: TrainConfig fields to change; only :data:`RESUMABLE_CHANGES` may differ from
+    the saved values. ``expect``: other settings the caller gave (``preset``, ``router``,
+    ``tokenizer``, ``data``), checked against the run's.
+    """
+    from smoe.data import DataConfig, prepare_data
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"nothing to resume: {str(run_dir)!r} does not exist")
+    run_cfg = read_run_config(run_dir)
+    if "train" not in run_cfg or "data" not in run_cfg:
+        raise ValueError(f"{str(run_dir)!r} holds no training settings (an imported model?): "
+                         "there is nothing to resume")
+    saved = TrainConfig.from_dict(run_cfg["train"])
+    for key, value in (changes or {}).items():
+        old = getattr(saved, key)
+        if key not in RESUMABLE_CHANGES and _differs(value, old):
+            raise ValueError(f"{key}={value!r} differs from the run's {old!r}: a resumed run keeps "
+                             f"its settings (it may change {', '.join(RESUMABLE_CHANGES)})")
+    data_saved = dict(run_cfg["data"])
+    for key, value in (expect or {}).items():
+        old = {"preset": run_cfg.get("preset"), "router": run_cfg.get("router"),
+               "tokenizer": data_saved.get("tokenizer"),
+               "data": list(data_saved.get("paths", []))}[key]
+        if key == "data" and value is not None:
+            value = [_abs(p) for p in value]
+        if value is not None and _differs(value, old):
+            raise ValueError(f"{key}={value!r} differs from the run's {old!r}: resume with the "
+                             "run's settings, or start a new run in a new folder")
+    train = saved.replace(**{k: v for k, v in (changes or {}).items() if k in RESUMABLE_CHANGES})
+    if train != saved:
+        run_cfg["train"] = train.to_dict()
+        _write_json(run_dir / RUN_CONFIG, run_cfg)
+    prepared = prepare_data(DataConfig(**data_saved), run_dir=run_dir)
+    return _run(run_dir, run_cfg, prepared, resume=True, progress=progress, device=device,
+                log=log)
+
+
+def _abs(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return [str(x) for x in a] != [str(x) for x in b]
+    return a != b
+
+
+# -- using a trained run ------------------------------------------------------------------
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """The run's model (latest checkpoint, eval mode) and tokenizer: safetensors + JSON only."""
+    from smoe.data import load_tokenizer
+    from smoe.model import SMoETransformer
+
+    run_dir = Path(run_dir)
+    run_cfg = read_run_config(run_dir)
+    folder = checkpoint_dir(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet: train it first "
+                                "(smoe train ... --out RUN_DIR)")
+    state = read_state(folder)
+    model_cfg = ModelConfig.from_dict(state.get("model_config") or run_cfg["model"])
+    with torch.device("meta"):
+        model = SMoETransformer(model_cfg)
+    model.load_state_dict(load_model_weights(folder, device), strict=True, assign=True)
+    model.eval()
+    return LoadedRun(run_dir, model, load_tokenizer(run_dir), run_cfg, int(state["step"]))
+
+
+def eval_run(run_dir: str | Path, eval_batches: int | None = None,
+             device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Evaluate a run's latest checkpoint on its validation split (the run's eval settings,
+    or ``eval_batches`` batches)."""
+    from smoe.data import DataConfig, prepare_data, val_batches
+
+    run = load_run(run_dir, device)
+    if "train" in run.config:
+        train = TrainConfig.from_dict(run.config["train"])
+    else:  # an imported model: default settings, the default corpus
+        train = TrainConfig(seq_len=min(256, run.model.config.max_seq_len))
+    data_cfg = run.config.get("data") or {"tokenizer": run.tokenizer.kind}
+    data = prepare_data(DataConfig(**data_cfg), run_dir=run.run_dir)
+    n = eval_batches if eval_batches is not None else train.eval_batches
+    val = val_batches(data.val, train.micro_batch_size, train.seq_len,
+                      max_batches=n * train.grad_accum)
+    bpt: dict[str | None, float] = {None: data.val.bytes_per_token()}
+    for name in data.val.domain_names:
+        if data.val.num_tokens(name):
+            bpt[name] = data.val.bytes_per_token(name)
+    row = evaluate_model(run.model, val, val_bytes_per_token=bpt,
+                         domain_names=data.val.domain_names, bf16=train.bf16)
+    row["step"] = run.step
+    return row
+
+
+def generate_text(run: LoadedRun | str | Path, prompt: str, max_new_tokens: int = 200,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+    """The continuation of ``prompt`` by a trained run (the new text only).
+
+    Generation stops at the tokenizer's end-of-document token or at the model's context
+    (``max_new_tokens`` is cut to what fits after the prompt)."""
+    from smoe.inference import generate
+
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    tok = run.tokenizer
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give some text to continue")
+    limit = run.model.config.max_seq_len
+    if len(ids) >= limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {limit}")
+    max_new_tokens = min(max_new_tokens, limit - len(ids))
+    out = generate(run.model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                   seed=seed, eos_id=tok.eos_id)
+    new = [int(i) for i in out[len(ids):].tolist()]
+    if tok.eos_id in new:
+        new = new[:new.index(tok.eos_id)]
+    return tok.decode(new)

@@ -1,0 +1,485 @@
+"""The trainer: schedule, optimizer groups, accumulation, loss going down, checkpoints that
+survive a crash mid-write, exact resume after SIGKILL (real subprocesses), the CLI's bad-input
+errors, metrics.jsonl, and the generate/eval commands on a trained run.
+
+Runs use a small two-domain corpus written into a temporary folder (no system corpus needed)
+and one CPU thread, so that a worker of ``pytest -n 2`` does not fight the other for cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smoe.cli import main as cli_main
+from smoe.config import ModelConfig, MoEConfig
+from smoe.data import Batcher, DataConfig, prepare_data
+from smoe.model import SMoETransformer
+from smoe.train import TrainConfig, Trainer, apply_loss_overrides, lr_at, param_groups
+from smoe.train import checkpoint as ckpt
+from smoe.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the a house letter morning walk garden sister father friend evening visit young "
+         "kind quiet long happy little great always never often said thought felt knew went "
+         "came saw wrote of to in with for at by on and but which who her his their she he "
+         "they was were had could would should might very much more rather").split()
+
+# The subprocess runs: small enough to be quick, big enough to checkpoint (tiny-moe, 4 x 32).
+RUN_ARGS = ["--preset", "tiny-moe", "--steps", "12", "--checkpoint-every", "4", "--batch-size",
+            "4", "--seq-len", "32", "--eval-every", "0", "--eval-batches", "2", "--seed", "3",
+            "--lr", "0.003", "--warmup-steps", "2", "--no-progress"]
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """prose.txt (seeded sentences, ~40 KB) and code.py (two stdlib modules)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    paragraphs = []
+    for _ in range(160):
+        sentences = []
+        for _ in range(rng.randint(2, 5)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(5, 14))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        paragraphs.append(" ".join(sentences))
+    (root / "prose.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    import shlex
+
+    code = Path(textwrap.__file__).read_text() + Path(shlex.__file__).read_text()
+    (root / "code.py").write_text(code, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """Environment of the subprocess runs: one thread, a private data cache."""
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+             SMOE_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1")
+    return e
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_private_cache(monkeypatch, env):
+    monkeypatch.setenv("SMOE_CACHE_DIR", env["SMOE_CACHE_DIR"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _smoe(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smoe.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_dir, env) -> Path:
+    """An uninterrupted 12-step run made by the real command (the reference for resume)."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    r = _smoe(["train", "--out", str(out), "--data", str(corpus_dir), *RUN_ARGS], env)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [r for r in read_metrics(run_dir) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _tiny_model(seed: int = 0, **moe) -> SMoETransformer:
+    torch.manual_seed(seed)
+    m = MoEConfig(hidden_size=32, expert_size=32, num_experts=4, top_k=2, **moe)
+    return SMoETransformer(ModelConfig(vocab_size=257, hidden_size=32, num_layers=2,
+                                       num_heads=2, num_kv_heads=1, max_seq_len=64, moe=m))
+
+
+def _data(corpus_dir):
+    """The corpus read by a relative path: the split hashes each document's path, so this keeps
+    the in-process tests' data the same in every session (the temporary folder's name varies)."""
+    import contextlib
+
+    with contextlib.chdir(corpus_dir.parent):
+        return prepare_data(DataConfig(paths=(corpus_dir.name,)))
+
+
+# -- schedule, config, optimizer ------------------------------------------------------------
+def test_schedule_values_at_known_steps():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)          # (0 + 1) / 10 of the peak
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)          # warmup ends at the peak
+    assert lr_at(10, cfg) == pytest.approx(1e-3)         # cosine starts at the peak
+    assert lr_at(55, cfg) == pytest.approx(5.5e-4)       # half way: (lr + min_lr) / 2
+    assert lr_at(100, cfg) == pytest.approx(1e-4)        # min_lr at the end, and after
+    assert lr_at(500, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(i, cfg) for i in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))     # monotone decay
+    assert lr_at(0, TrainConfig(steps=10, warmup_steps=0, lr=2e-3, min_lr=0.0)) == 2e-3
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"batch_size": 6, "grad_accum": 4}, "grad_accum"),
+    ({"lr": 1e-4, "min_lr": 1e-3}, "min_lr"),
+    ({"betas": (0.9, 1.0)}, "betas[1]"),
+    ({"steps": 0}, "steps"),
+    ({"bf16": "yes"}, "bf16"),
+    ({"aux_loss_coef": -1.0}, "aux_loss_coef"),
+])
+def test_train_config_rejects_bad_values(changes, field):
+    with pytest.raises(ValueError, match=rf"^{field.replace('[', '.').replace(']', '.')}="):
+        TrainConfig(**changes)
+
+
+def test_train_config_round_trips_through_json():
+    cfg = TrainConfig(steps=7, betas=(0.8, 0.9), aux_loss_coef=0.0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    model = _tiny_model(router_bias=True)
+    groups = {g["name"]: set(g["param_names"]) for g in param_groups(model, 0.1)}
+    assert "embed.weight" in groups["no_decay"]
+    assert {"norm.weight", "layers.0.attn_norm.weight"} <= groups["no_decay"]
+    assert "layers.0.ffn.router.bias" in groups["no_decay"]
+    assert {"layers.0.attn.q_proj.weight", "layers.0.ffn.router.weight", "lm_head.weight",
+            "layers.1.ffn.experts.down_proj"} <= groups["decay"]
+    assert not groups["decay"] & groups["no_decay"]
+
+
+# -- the loop -------------------------------------------------------------------------------
+def test_loss_decreases_over_30_steps(corpus_dir):
+    data = _data(corpus_dir)
+    cfg = TrainConfig(steps=30, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=3)
+    trainer = Trainer(_tiny_model(), cfg, Batcher(data.train, 8, 32, seed=0))
+    losses = []
+    trainer.fit(on_log=lambda row: losses.append(row["loss"]))
+    assert len(losses) == 30 and losses[0] == pytest.approx(math.log(257), abs=0.3)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
+
+
+def test_two_half_batches_equal_one_full_batch(corpus_dir):
+    """grad_accum=2 on halves gives the gradient, and so the step, of one full batch.
+
+    The balance loss is a product of batch means, not a mean, so it is off here (the z-loss is
+    a mean and stays). The step is checked with SGD: AdamW's first step is lr * g / (|g| + eps),
+    a sign, which turns 1e-9 rounding noise on a near-zero gradient entry into a full step."""
+    data = _data(corpus_dir)
+    batch = Batcher(data.train, 8, 32, seed=1).batch_at(0)
+    results = []
+    for accum in (1, 2):
+        cfg = TrainConfig(steps=5, batch_size=8, seq_len=32, grad_accum=accum, lr=1e-2,
+                          warmup_steps=0, aux_loss_coef=0.0)
+        model = _tiny_model(seed=5)
+        trainer = Trainer(model, cfg, Batcher(data.train, 8, 32))
+        sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+        grads = {}
+        sgd.register_step_pre_hook(lambda opt, args, kwargs, model=model, grads=grads: grads.update(
+            {n: p.grad.clone() for n, p in model.named_parameters()}))
+        trainer.optimizer = sgd
+        row = trainer.train_step(batch)
+        results.append((model, row, grads))
+    (m1, r1, g1), (m2, r2, g2) = results
+    assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-6)
+    assert r1["z_loss"] == pytest.approx(r2["z_loss"], abs=1e-7)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+    assert set(g1) == set(g2) and len(g1) == len(list(m1.parameters()))
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-5, rtol=0, msg=name)
+    for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-5, rtol=0, msg=name)
+
+
+def test_loss_overrides_reach_the_layers():
+    model = _tiny_model()
+    apply_loss_overrides(model, TrainConfig(aux_loss_coef=0.0, z_loss_coef=0.5))
+    for _, layer in model.moe_layers():
+        assert layer.config.aux_loss_coef == 0.0 and layer.router.config.z_loss_coef == 0.5
+    assert model.config.moe.z_loss_coef == 0.5
+
+
+def test_bias_balancing_runs_once_per_optimizer_step(corpus_dir):
+    """update_router_biases runs after each update (not each micro-batch) and moves each
+    expert's bias by gamma * sign(mean load - its load)."""
+    data = _data(corpus_dir)
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, warmup_steps=0, grad_accum=2)
+    model = _tiny_model(router="sigmoid_bias")
+    calls, rows = [], []
+    real = model.update_router_biases
+    model.update_router_biases = lambda: (calls.append(1), real())[1]
+    trainer = Trainer(model, cfg, Batcher(data.train, 4, 32))
+    rows.append(trainer.train_step(next(trainer.batcher)))
+    gamma = model.config.moe.bias_update_rate
+    for (_, layer), load in zip(model.moe_layers(), rows[0]["expert_load"]):
+        mean = sum(load) / len(load)
+        expected = [gamma * ((mean > f) - (mean < f)) for f in load]
+        assert layer.router.expert_bias.tolist() == pytest.approx(expected)
+        assert int(layer.load_since_update.sum()) == 0          # consumed by the update
+    trainer.fit()
+    assert len(calls) == 3
+    model = _tiny_model(router="sigmoid_bias")
+    Trainer(model, cfg.replace(bias_update=False), Batcher(data.train, 4, 32)).fit()
+    assert all(float(layer.router.expert_bias.abs().sum()) == 0 for _, layer in model.moe_layers())
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def _trainer(data, run_dir, steps=6, **kw):
+    cfg = TrainConfig(steps=steps, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2,
+                      checkpoint_every=2, eval_every=0, **kw)
+    return Trainer(_tiny_model(seed=2), cfg, Batcher(data.train, 4, 32, seed=4),
+                   run_dir=run_dir)
+
+
+def _fit_losses(trainer) -> dict[int, float]:
+    out = {}
+    trainer.fit(on_log=lambda row: out.__setitem__(row["step"], row["loss"]))
+    return out
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    data = _data(corpus_dir)
+    reference = _fit_losses(_trainer(data, tmp_path / "ref"))
+
+    run = tmp_path / "run"
+    real_save, calls = ckpt.save_tensors, []
+
+    def failing_save(tensors, path):
+        calls.append(path)
+        if len(calls) == 4:          # step 4: the model file is written, the optimizer's fails
+            raise OSError("disk full (simulated)")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_tensors", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        _fit_losses(_trainer(data, run))
+    monkeypatch.setattr(ckpt, "save_tensors", real_save)
+    folder = ckpt.checkpoint_dir(run)
+    assert folder == run / "checkpoint" and ckpt.read_state(folder)["step"] == 2
+    assert not list(run.glob("checkpoint.tmp-*"))
+
+    resumed = _trainer(data, run)
+    resumed.load_checkpoint(folder)
+    assert resumed.step == 2
+    losses = _fit_losses(resumed)
+    assert losses == {s: reference[s] for s in range(3, 7)}
+
+
+def test_crash_between_the_renames_uses_checkpoint_old(corpus_dir, tmp_path, monkeypatch):
+    data = _data(corpus_dir)
+    reference = _fit_losses(_trainer(data, tmp_path / "ref"))
+    run = tmp_path / "run"
+    real_rename, renames = os.rename, []
+
+    def crashing_rename(src, dst):
+        renames.append(Path(dst).name)
+        if renames == ["checkpoint", "checkpoint.old", "checkpoint"]:  # step 4: old moved away
+            raise OSError("power cut (simulated)")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", crashing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        _fit_losses(_trainer(data, run))
+    monkeypatch.setattr(ckpt.os, "rename", real_rename)
+    assert not (run / "checkpoint").exists()
+    folder = ckpt.checkpoint_dir(run)
+    assert folder == run / "checkpoint.old" and ckpt.read_state(folder)["step"] == 2
+
+    resumed = _trainer(data, run)
+    resumed.load_checkpoint(folder)
+    assert _fit_losses(resumed) == {s: reference[s] for s in range(3, 7)}
+    assert ckpt.checkpoint_dir(run) == run / "checkpoint"      # the next save cleaned up
+    assert not (run / "checkpoint.old").exists()
+
+
+def test_resume_restores_the_rng_of_a_noisy_router(corpus_dir, tmp_path):
+    """noisy_topk draws from the global RNG in training: exact resume needs its saved state."""
+    import shutil
+
+    data = _data(corpus_dir)
+
+    def make(run):
+        cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, checkpoint_every=2,
+                          eval_every=0)
+        return Trainer(_tiny_model(seed=2, router="noisy_topk"), cfg,
+                       Batcher(data.train, 4, 32, seed=4), run_dir=run)
+
+    saved = tmp_path / "step2"
+    reference = {}
+
+    def on_log(row):
+        reference[row["step"]] = row["loss"]
+        if row["step"] == 3:                                 # the step-2 checkpoint exists
+            shutil.copytree(tmp_path / "run" / "checkpoint", saved)
+
+    make(tmp_path / "run").fit(on_log=on_log)
+    torch.manual_seed(123)                                   # some other RNG state
+    resumed = make(tmp_path / "other")
+    resumed.load_checkpoint(saved)
+    assert _fit_losses(resumed) == {3: reference[3], 4: reference[4]}
+
+
+def test_checkpoint_files_are_safetensors_and_json(trained_run):
+    folder = trained_run / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.safetensors", "optimizer.safetensors", "state.json"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == 12 and state["batcher"]["step"] == 12
+    assert all(isinstance(b, int) and 0 <= b < 256 for b in state["rng"]["torch"])
+    assert state["train_config"]["steps"] == 12
+    opt = ckpt.load_optimizer_state(folder)
+    assert "embed.weight/exp_avg" in opt and float(opt["embed.weight/step"]) == 12.0
+
+
+# -- exact resume after SIGKILL --------------------------------------------------------------
+_SLOW = ("import sys, time; import smoe.train.loop as L; f = L.Trainer.train_step; "
+         "L.Trainer.train_step = lambda self, b: (time.sleep(0.25), f(self, b))[1]; "
+         "from smoe.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_sigkill_then_resume_logs_the_same_losses(trained_run, corpus_dir, env, tmp_path):
+    out = tmp_path / "killed"
+    # The same command, each step slowed by 0.25 s so that the kill lands before the end.
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW, "train", "--out", str(out), "--data",
+                             str(corpus_dir), *RUN_ARGS], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state.read_text())["step"] >= 8:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.read_state(ckpt.checkpoint_dir(out))["step"] == 8
+    assert max(_losses(out)) < 12
+
+    r = _smoe(["train", "--out", str(out), "--resume", "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and "from step 8" in r.stdout
+    full, resumed = _losses(trained_run), _losses(out)
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(9, 13)] == [full[s] for s in range(9, 13)]  # exact
+    assert resumed == full
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+def _cli(args, capsys) -> tuple[int, str]:
+    rc = cli_main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_missing_or_empty_data_path(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, err = _cli(["train", "--out", str(out), "--data", str(tmp_path / "nope.txt")], capsys)
+    assert rc == 2 and "does not exist" in err and not out.exists()
+    (tmp_path / "empty.txt").write_text("  \n")
+    rc, err = _cli(["train", "--out", str(out), "--data", str(tmp_path / "empty.txt")], capsys)
+    assert rc == 2 and "empty" in err and not out.exists()
+
+
+def test_unknown_preset(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "run"
+    rc, err = _cli(["train", "--out", str(out), "--preset", "huge-moe", "--data",
+                    str(corpus_dir)], capsys)
+    assert rc == 2 and "unknown preset 'huge-moe'" in err and "tiny-moe" in err
+    assert not out.exists()
+
+
+def test_folder_with_other_files_is_left_alone(tmp_path, corpus_dir, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    rc, err = _cli(["train", "--out", str(out), "--data", str(corpus_dir)], capsys)
+    assert rc == 2 and "not an smoe run" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+    rc, err = _cli(["train", "--out", str(out), "--resume"], capsys)
+    assert rc == 2 and "not an smoe run" in err
+
+
+def test_existing_run_needs_resume(trained_run, corpus_dir, capsys):
+    before = (trained_run / "metrics.jsonl").read_text()
+    rc, err = _cli(["train", "--out", str(trained_run), "--data", str(corpus_dir)], capsys)
+    assert rc == 2 and "existing smoe run" in err and "--resume" in err
+    rc, err = _cli(["train", "--out", str(trained_run), "--resume", "--lr", "0.1"], capsys)
+    assert rc == 2 and "lr=0.1 differs" in err
+    rc, err = _cli(["train", "--out", str(trained_run), "--resume", "--preset", "small-moe"],
+                   capsys)
+    assert rc == 2 and "preset='small-moe' differs" in err
+    assert (trained_run / "metrics.jsonl").read_text() == before
+
+
+def test_resume_of_a_missing_folder(tmp_path, capsys):
+    rc, err = _cli(["train", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert rc == 2 and "nothing to resume" in err
+
+
+# -- metrics and the commands on a trained run ----------------------------------------------
+def test_metrics_jsonl_and_tensorboard(trained_run):
+    rows = read_metrics(trained_run)
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for r in train:
+        assert {"step", "loss", "tokens_per_s", "lr", "aux_loss", "z_loss", "load_imbalance",
+                "expert_load", "load_imbalance_per_layer", "grad_norm"} <= set(r)
+        assert r["tokens_per_s"] > 0 and 1.0 <= r["load_imbalance"] <= 8.0
+        assert len(r["expert_load"]) == 4 and sum(r["expert_load"][0]) == pytest.approx(1, abs=1e-3)
+    assert train[0]["lr"] == pytest.approx(0.0015) and train[1]["lr"] == pytest.approx(0.003)
+    (ev,) = evals                                       # eval_every 0: only the final one
+    assert ev["step"] == 12
+    assert ev["val_bpb"] == pytest.approx(ev["val_loss"] / math.log(2), rel=0.01)
+    assert set(ev["val_loss_by_domain"]) == {"prose", "code"}
+    routing = ev["domain_routing"]
+    assert set(routing) == {"prose", "code"} and len(routing["code"]) == 4
+    assert sum(map(sum, (routing["prose"][0], routing["code"][0]))) == ev["val_tokens"] * 2
+    assert list((trained_run / "tb").glob("events.out.tfevents.*"))
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["format"] == "smoe-run" and config["model"]["vocab_size"] == 257
+
+
+def test_generate_command(trained_run, capsys):
+    args = ["generate", str(trained_run), "--prompt", "The letter ", "--max-new-tokens", "24",
+            "--seed", "1"]
+    assert cli_main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The letter ") and len(first.rstrip("\n")) > len("The letter ")
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out == first             # same seed, same text
+
+
+def test_eval_command(trained_run, capsys):
+    assert cli_main(["eval", str(trained_run), "--by-domain"]) == 0
+    out = capsys.readouterr().out
+    assert "step 12: validation loss" in out and "bits/byte" in out
+    assert "max/mean" in out and "prose" in out and "code" in out
+    table = [ln for ln in out.splitlines() if ln.lstrip().startswith(("0 ", "3 "))]
+    assert len(table) >= 2 and all(ln.count("%") == 8 for ln in table)
+    final = [r for r in read_metrics(trained_run) if "val_loss" in r][-1]
+    loss = float(out.split("validation loss ")[1].split()[0])
+    assert loss == pytest.approx(final["val_loss"], abs=1e-4)   # the same batches
