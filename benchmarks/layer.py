@@ -29,4 +29,7 @@ def _peers() -> list[bench.Candidate]:
 
 
 if __name__ == "__main__":
+    from smoe.launch import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()  # every candidate runs under the same allocator (smoe.launch)
     sys.exit(bench.main(peers=_peers()))

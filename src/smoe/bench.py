@@ -608,6 +608,8 @@ def machine_info(peers: Sequence[Candidate] = ()) -> dict[str, Any]:
     return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "mkl": torch.backends.mkl.is_available(), "python": platform.python_version(),
             "versions": versions,
+            "allocator": ("tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+                          else "glibc"),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -762,7 +764,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if s.get("quick"):
         L += ["*Quick smoke run (`--quick`): few rounds and tokens; not for conclusions.*", ""]
     L += [f"Measured {m['date']} on {m['cpu']} ({', '.join(m['isa']) or 'ISA ?'}), "
-          f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}, float32, torch {v.get('torch')}, transformers "
+          f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}, allocator {m.get('allocator', '?')} "
+          f"(the same for every candidate), float32, torch {v.get('torch')}, transformers "
           f"{v.get('transformers')}, Python {m['python']}"
           + (f"; peers: {peers}" if peers else "") + ".",
           "",
