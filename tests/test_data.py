@@ -360,6 +360,79 @@ def test_prepare_data_from_user_files_and_run_dir(tmp_path):
     assert byte.train.bytes_per_token() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_token_cache_is_safetensors_written_atomically(tmp_path, monkeypatch):
+    """The BPE token streams are cached as safetensors (never pickle), read back identical;
+    without the safetensors package nothing is cached and nothing fails."""
+    import smoe.data.dataset as dataset
+    from safetensors import safe_open
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "story.txt").write_text(PROSE * 30)
+    (data_dir / "lib.py").write_text(CODE * 60)
+    cache = tmp_path / "c"
+    config = DataConfig(paths=(str(data_dir),), tokenizer="bpe", bpe_vocab_size=300,
+                        cache_dir=str(cache))
+    data = prepare_data(config)
+    (stream_file,) = cache.glob("tokens-*")
+    assert stream_file.name.startswith("tokens-v3-") and stream_file.suffix == ".safetensors"
+    assert not list(cache.glob("*.pt")) and not list(cache.glob(".*.tmp"))
+    with safe_open(str(stream_file), framework="pt") as f:
+        assert f.get_tensor("train/tokens_N").dtype == torch.uint16
+    monkeypatch.setattr(dataset, "tokenize_blocks", None)  # a cache hit tokenizes nothing
+    again = prepare_data(config)
+    for a, b in ((again.train, data.train), (again.val, data.val)):
+        assert torch.equal(a.tokens_N, b.tokens_N) and a.tokens_N.dtype == torch.int32
+        assert torch.equal(a.domains_N, b.domains_N) and a.domains_N.dtype == torch.uint8
+        assert (a.domain_names, a.num_bytes) == (b.domain_names, b.num_bytes)
+    monkeypatch.undo()
+
+    stream_file.write_bytes(b"not a safetensors file")  # unreadable: rebuilt
+    assert torch.equal(prepare_data(config).train.tokens_N, data.train.tokens_N)
+    with safe_open(str(stream_file), framework="pt") as f:
+        assert "val/tokens_N" in f.keys()
+
+    other = tmp_path / "c2"
+    monkeypatch.setattr(dataset, "_has_safetensors", lambda: False)
+    no_st = prepare_data(DataConfig(paths=(str(data_dir),), tokenizer="bpe",
+                                    bpe_vocab_size=300, cache_dir=str(other)))
+    assert torch.equal(no_st.train.tokens_N, data.train.tokens_N)
+    assert not list(other.glob("tokens-*"))
+
+
+def test_split_does_not_depend_on_where_the_corpus_folder_is(tmp_path):
+    """The split hashes each file's path relative to the data path given: the same folder
+    copied to two places gives the same train and validation streams."""
+    import shutil
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(4):
+        (src / f"chapter{i}.txt").write_text(PROSE * (5 + i))
+    (src / "sub" / "tool.py").write_text(CODE * 40)
+    (src / "sub" / "more.py").write_text(CODE * 25)
+    a = tmp_path / "one" / "corpus"
+    b = tmp_path / "elsewhere" / "deeper" / "renamed"
+    shutil.copytree(src, a)
+    shutil.copytree(src, b)
+    streams = []
+    for root in (a, b):
+        data = prepare_data(DataConfig(paths=(str(root),), val_fraction=0.2, block_chars=300,
+                                       use_cache=False))
+        streams.append(data)
+    x, y = streams
+    assert len(x.val) > 0 and len(x.train) > len(x.val)
+    assert torch.equal(x.train.tokens_N, y.train.tokens_N)
+    assert torch.equal(x.val.tokens_N, y.val.tokens_N)
+    assert torch.equal(x.val.domains_N, y.val.domains_N)
+    # a file given directly is keyed by its name
+    one = prepare_data(DataConfig(paths=(str(a / "chapter3.txt"),), block_chars=300,
+                                  use_cache=False))
+    two = prepare_data(DataConfig(paths=(str(b / "chapter3.txt"),), block_chars=300,
+                                  use_cache=False))
+    assert torch.equal(one.val.tokens_N, two.val.tokens_N)
+
+
 def test_data_config_validates_fields():
     with pytest.raises(ValueError, match="tokenizer"):
         DataConfig(tokenizer="wordpiece")

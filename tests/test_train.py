@@ -24,7 +24,7 @@ import torch
 
 from smoe.cli import main as cli_main
 from smoe.config import ModelConfig, MoEConfig
-from smoe.data import Batcher, DataConfig, prepare_data
+from smoe.data import Batcher, ByteTokenizer, DataConfig, prepare_data
 from smoe.model import SMoETransformer
 from smoe.train import TrainConfig, Trainer, apply_loss_overrides, lr_at, param_groups
 from smoe.train import checkpoint as ckpt
@@ -110,12 +110,9 @@ def _tiny_model(seed: int = 0, **moe) -> SMoETransformer:
 
 
 def _data(corpus_dir):
-    """The corpus read by a relative path: the split hashes each document's path, so this keeps
-    the in-process tests' data the same in every session (the temporary folder's name varies)."""
-    import contextlib
-
-    with contextlib.chdir(corpus_dir.parent):
-        return prepare_data(DataConfig(paths=(corpus_dir.name,)))
+    """The corpus's data (the split hashes each file's path relative to the folder given, so
+    it is the same in every session, whatever the temporary folder's name)."""
+    return prepare_data(DataConfig(paths=(str(corpus_dir),)))
 
 
 # -- schedule, config, optimizer ------------------------------------------------------------
@@ -483,3 +480,154 @@ def test_eval_command(trained_run, capsys):
     final = [r for r in read_metrics(trained_run) if "val_loss" in r][-1]
     loss = float(out.split("validation loss ")[1].split()[0])
     assert loss == pytest.approx(final["val_loss"], abs=1e-4)   # the same batches
+
+
+# -- --init-from: a new run from another run's (or an import's) model ----------------------
+INIT_ARGS = ["--steps", "10", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0",
+             "--eval-batches", "2", "--lr", "0.003", "--warmup-steps", "2", "--no-progress"]
+
+
+def test_init_from_starts_a_new_run_at_the_source_model(trained_run, corpus_dir, tmp_path,
+                                                        capsys):
+    """The new run's step-0 evaluation is the source model's (exactly: the same weights, the
+    same validation batches); then it trains from step 0 with a fresh optimizer and schedule."""
+    from smoe.train import eval_run
+
+    out = tmp_path / "new"
+    rc = cli_main(["train", "--out", str(out), "--init-from", str(trained_run), "--data",
+                   str(corpus_dir), *INIT_ARGS])
+    assert rc == 0, capsys.readouterr().err
+    assert "initialized from" in capsys.readouterr().out
+    rows = read_metrics(out)
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10]
+    source_final = [r for r in read_metrics(trained_run) if "val_loss" in r][-1]
+    assert source_final["step"] == 12
+    assert evals[0]["val_loss"] == source_final["val_loss"]             # exact
+    assert evals[0]["val_loss"] == eval_run(trained_run)["val_loss"]
+    assert evals[0]["val_loss_by_domain"] == source_final["val_loss_by_domain"]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert train[0]["lr"] == pytest.approx(0.0015)                      # the warmup, anew
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]                  # it trains
+    state = ckpt.read_state(out / "checkpoint")
+    assert state["step"] == 10 and state["batcher"]["step"] == 10
+    assert float(ckpt.load_optimizer_state(out / "checkpoint")["embed.weight/step"]) == 10.0
+    config = json.loads((out / "config.json").read_text())
+    source = json.loads((trained_run / "config.json").read_text())
+    assert config["model"] == source["model"] and config["preset"] == "tiny-moe"
+    assert config["init_from"] == {"path": str(trained_run.resolve()), "step": 12}
+    assert (out / "tokenizer.json").read_text() == (trained_run / "tokenizer.json").read_text()
+    # and it resumes like any run
+    assert cli_main(["train", "--out", str(out), "--resume", "--steps", "11",
+                     "--no-progress"]) == 0
+    assert ckpt.read_state(out / "checkpoint")["step"] == 11
+    assert [r["step"] for r in read_metrics(out) if "val_loss" in r] == [0, 10, 11]
+
+
+def _small_vocab_run(path: Path, vocab: int = 64) -> Path:
+    """A run folder (config.json + checkpoint/) of a model with ``vocab`` ids, no tokenizer."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_seq_len=64,
+                      moe=MoEConfig(hidden_size=32, expert_size=32, num_experts=4, top_k=2))
+    model = SMoETransformer(cfg)
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"format": "smoe-run", "version": 1,
+                                                  "model": cfg.to_dict()}))
+    ckpt.save_checkpoint(path, model.state_dict(), {}, {"step": 0,
+                                                       "model_config": cfg.to_dict()})
+    return path
+
+
+def test_init_from_refusals(trained_run, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "new"
+    base = ["train", "--out", str(out), "--data", str(corpus_dir), *INIT_ARGS]
+
+    def refused(*args) -> str:
+        rc, err = _cli([*base, *args], capsys)
+        assert rc == 2 and not out.exists(), err
+        return err
+
+    assert "does not exist" in refused("--init-from", str(tmp_path / "nowhere"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    assert "is not an smoe run" in refused("--init-from", str(other))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((trained_run / "config.json").read_text())
+    assert "has no checkpoint" in refused("--init-from", str(bare))
+    for flag, value in (("--preset", "tiny-moe"), ("--router", "switch")):
+        err = refused("--init-from", str(trained_run), flag, value)
+        assert "conflicts with --init-from" in err and f"{flag[2:]}={value!r}" in err
+    err = refused("--init-from", str(trained_run), "--tokenizer", "bpe")
+    assert "differs from the byte tokenizer" in err
+    assert "--resume" in refused("--init-from", str(trained_run), "--resume")
+    small = _small_vocab_run(tmp_path / "small")
+    assert "has no tokenizer.json: pass --tokenizer byte" in refused("--init-from", str(small))
+    err = refused("--init-from", str(small), "--tokenizer", "byte")
+    assert "257 ids, more than the vocab_size=64" in err
+    err = refused("--init-from", str(small), "--tokenizer", "bpe")
+    assert "has no tokenizer.json" in err
+    ByteTokenizer().save(small)
+    assert "257 ids, more than the vocab_size=64" in refused("--init-from", str(small))
+    # a source that is the output folder itself
+    rc, err = _cli(["train", "--out", str(trained_run), "--init-from", str(trained_run),
+                    *INIT_ARGS], capsys)
+    assert rc == 2 and "is the output folder" in err
+
+
+def test_init_from_an_imported_hf_mixtral(corpus_dir, tmp_path, monkeypatch, capsys):
+    """transformers Mixtral -> smoe import -> --init-from: the first step's loss is the HF
+    model's cross-entropy on that batch, the step-0 evaluation its loss on the validation
+    batches, and the run trains."""
+    import torch.nn.functional as F
+
+    from smoe.data import val_batches
+    from smoe.hf.convert import import_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.MixtralConfig(
+        vocab_size=257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, intermediate_size=24,
+        num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    imported = import_hf(tmp_path / "hf", tmp_path / "imported")
+    assert imported.tokenizer is None                                    # no tokenizer.json
+
+    out = tmp_path / "new"
+    rc = cli_main(["train", "--out", str(out), "--init-from", str(tmp_path / "imported"),
+                   "--tokenizer", "byte", "--data", str(corpus_dir), "--steps", "3",
+                   "--batch-size", "4", "--seq-len", "32", "--eval-every", "0",
+                   "--eval-batches", "2", "--lr", "0.003", "--warmup-steps", "1", "--seed", "5",
+                   "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert [r["step"] for r in evals] == [0, 3]
+
+    data = prepare_data(DataConfig(paths=(str(corpus_dir),)))
+    x_BT, y_BT, _ = Batcher(data.train, 4, 32, seed=5).batch_at(0)
+    with torch.no_grad():
+        logits = hf(x_BT.long()).logits
+        ce = F.cross_entropy(logits.reshape(-1, 257).float(), y_BT.reshape(-1).long())
+        total, n = 0.0, 0
+        for batch in val_batches(data.val, 4, 32, max_batches=2):
+            out_logits = hf(batch[0].long()).logits.reshape(-1, 257).float()
+            total += float(F.cross_entropy(out_logits, batch[1].reshape(-1).long(),
+                                           reduction="sum"))
+            n += batch[1].numel()
+    assert losses[0] == pytest.approx(float(ce), abs=1e-4)
+    assert evals[0]["val_loss"] == pytest.approx(total / n, abs=1e-4)
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_from"]["imported_from"]["model_type"] == "mixtral"
+    assert json.loads((out / "tokenizer.json").read_text())["vocab_size"] == 257

@@ -85,7 +85,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train a preset on the default corpus (or --data) into RUN_DIR: "
                                    "config.json, tokenizer.json, metrics.jsonl, tb/, checkpoint/. "
                                    "The same seed and data give the same losses; a run stopped "
-                                   "at any point continues exactly with --resume.")
+                                   "at any point continues exactly with --resume. With "
+                                   "--init-from SRC_RUN_DIR the new run starts from another "
+                                   "run's (or an `smoe import` folder's) model, weights and "
+                                   "tokenizer, at step 0 with a fresh optimizer and schedule.")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (new or empty; "
                    "with --resume an existing run)")
     p.add_argument("--preset", default=None, help="model preset (default tiny-moe)")
@@ -113,6 +116,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="bfloat16 autocast for the forward passes")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint")
+    p.add_argument("--init-from", default=None, metavar="SRC_RUN_DIR",
+                   help="start a new run from this run's model config, latest weights and "
+                        "tokenizer (a trained run or an `smoe import` folder); the model comes "
+                        "from there, so no --preset/--router")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
@@ -127,6 +134,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                  "log_every": a.log_every, "seed": a.seed, "bf16": a.bf16}
         given = {k: v for k, v in given.items() if v is not None}
         try:
+            if a.resume and a.init_from is not None:
+                raise CLIError("--init-from starts a new run and --resume continues one: give "
+                               "one of them")
             if a.resume:
                 result = resume_run(a.out, given, progress=not a.no_progress,
                                     expect={"preset": a.preset, "router": a.router,
@@ -134,9 +144,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             else:
                 if "lr" in given and "min_lr" not in given:
                     given["min_lr"] = given["lr"] / 10
-                data = DataConfig(paths=tuple(a.data or ()), tokenizer=a.tokenizer or "byte")
-                result = start_run(a.out, TrainConfig(**given), preset=a.preset or "tiny-moe",
-                                   data=data, router=a.router, progress=not a.no_progress)
+                tokenizer = a.tokenizer
+                if a.init_from is not None and tokenizer is None:
+                    from smoe.train.run import init_tokenizer_kind
+
+                    tokenizer = init_tokenizer_kind(a.init_from)
+                    if tokenizer is None:
+                        raise CLIError(f"{a.init_from} has no tokenizer.json: pass --tokenizer "
+                                       "byte to train its model on bytes (257 ids; the model's "
+                                       "vocabulary must hold them)")
+                data = DataConfig(paths=tuple(a.data or ()), tokenizer=tokenizer or "byte")
+                result = start_run(a.out, TrainConfig(**given), preset=a.preset, data=data,
+                                   router=a.router, progress=not a.no_progress,
+                                   init_from=a.init_from)
         except TrainingDiverged as exc:
             raise CLIError(f"{exc}; the last checkpoint in {a.out} is intact") from None
         except KeyboardInterrupt:

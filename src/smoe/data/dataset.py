@@ -3,15 +3,19 @@
 The split (:func:`split_corpus`) works per domain. Every document is cut into blocks of at
 most ``block_chars`` characters, at a line end where one falls in the second half of the block
 (smaller blocks for a small domain, so that each domain has at least ``MIN_BLOCKS``). Blocks are
-ranked by SHA-256 of ``(source, block index)`` and taken into validation in rank order until
+ranked by SHA-256 of ``(document key, block index)`` and taken into validation in rank order until
 they hold ``val_fraction`` of the domain's characters; the rest is train. Both keep document
 order. So the split is deterministic, disjoint by construction (no text is in both), spread
-over every document, and each domain has its share in validation.
+over every document, and each domain has its share in validation. A document's key is its path
+relative to the data path the user gave (a file given directly: its name; the default corpus:
+the stdlib-relative path, the novel's name), so a corpus folder moved or copied elsewhere is
+split the same way.
 
 A :class:`TokenStream` is one split as a 1-D token tensor with a parallel domain-id tensor;
 ``eos`` follows the last block of each document. A trained BPE and the streams it tokenized
 are cached under ``cache_dir``, keyed by a hash of the corpus text and the settings (byte
-tokenization takes well under a second and is not cached); files are written through a
+tokenization takes well under a second and is not cached); the streams as safetensors (never
+pickle; without the ``safetensors`` package they are not cached), every file written through a
 temporary file and ``os.replace``.
 """
 
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from smoe.config import config_error
-from smoe.data.corpus import Corpus, default_corpus, load_paths
+from smoe.data.corpus import Corpus, default_corpus, load_path
 from smoe.data.tokenizer import (
     TOKENIZER_FILE,
     BPETokenizer,
@@ -54,7 +59,9 @@ __all__ = [
 TOKENIZERS = ("byte", "bpe")
 #: Each domain is cut into at least this many blocks (when it has that many characters).
 MIN_BLOCKS = 40
-_CACHE_FORMAT = 2
+#: Part of every cache key: bumped when what is cached, or how, changes (3: safetensors
+#: streams, split keys relative to the data paths).
+_CACHE_FORMAT = 3
 
 
 def default_cache_dir() -> Path:
@@ -139,9 +146,20 @@ def _cut(text: str, size: int) -> list[str]:
 
 
 def split_corpus(
-    corpus: Corpus, val_fraction: float = 0.05, block_chars: int = 32768
+    corpus: Corpus,
+    val_fraction: float = 0.05,
+    block_chars: int = 32768,
+    keys: Sequence[str] | None = None,
 ) -> tuple[list[Block], list[Block]]:
-    """Deterministic, disjoint train and validation blocks (see the module docstring)."""
+    """Deterministic, disjoint train and validation blocks (see the module docstring).
+
+    ``keys``: one name per document, hashed to rank its blocks (default: each document's
+    ``source``); :func:`prepare_data` passes the paths relative to the data paths given.
+    """
+    if keys is None:
+        keys = [d.source for d in corpus.documents]
+    elif len(keys) != len(corpus.documents):
+        raise ValueError(f"keys has {len(keys)} entries for {len(corpus.documents)} documents")
     if not 0 < val_fraction <= 0.5:
         raise config_error("val_fraction", val_fraction, "must be a number in (0, 0.5]")
     if block_chars < 1:
@@ -157,7 +175,7 @@ def split_corpus(
             doc = corpus.documents[i]
             blocks_by_doc[i] = _cut(doc.text, size)
             for j, piece in enumerate(blocks_by_doc[i]):
-                rank = hashlib.sha256(f"{doc.source}\x00{j}".encode()).digest()
+                rank = hashlib.sha256(f"{keys[i]}\x00{j}".encode()).digest()
                 ranked.append((rank, i, j, len(piece)))
         ranked.sort()
         target, held = val_fraction * chars, 0
@@ -255,12 +273,27 @@ def _key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def _save_streams(streams: dict[str, TokenStream], path: Path) -> None:
+    """Write the streams as one safetensors file, atomically (a temporary file, then
+    ``os.replace``): ``<name>/tokens_N`` (uint16 ids when they fit), ``<name>/domain_runs_R`` and
+    ``<name>/domain_counts_R`` (the domain ids as runs); names and byte counts as metadata."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    for name, s in streams.items():
+        small = len(s) == 0 or int(s.tokens_N.max()) < 2**16
+        runs_R, counts_R = torch.unique_consecutive(s.domains_N, return_counts=True)
+        tensors[f"{name}/tokens_N"] = (s.tokens_N.to(torch.uint16) if small else s.tokens_N)
+        tensors[f"{name}/domain_runs_R"] = runs_R.contiguous()
+        tensors[f"{name}/domain_counts_R"] = counts_R.contiguous()
+        meta[name] = {"domain_names": list(s.domain_names), "num_bytes": list(s.num_bytes)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        save_file(tensors, tmp, metadata={"format": "smoe-token-streams",
+                                          "streams": json.dumps(meta)})
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -268,27 +301,43 @@ def _atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
-def _stream_to_dict(s: TokenStream) -> dict:
-    """Compact form: uint16 ids when they fit, domain ids as runs."""
-    small = len(s) == 0 or int(s.tokens_N.max()) < 2**16
-    runs_R, counts_R = torch.unique_consecutive(s.domains_N, return_counts=True)
-    return {
-        "tokens_N": s.tokens_N.to(torch.uint16) if small else s.tokens_N,
-        "domain_runs_R": runs_R.clone(),  # clone: the results' storage is stream-sized
-        "domain_counts_R": counts_R.clone(),
-        "domain_names": list(s.domain_names),
-        "num_bytes": list(s.num_bytes),
-    }
+def _load_streams(path: Path) -> dict[str, TokenStream]:
+    """The streams :func:`_save_streams` wrote (safetensors and JSON only, never pickle)."""
+    from safetensors import safe_open
+
+    out: dict[str, TokenStream] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["streams"])
+        for name, m in meta.items():
+            domains_N = torch.repeat_interleave(f.get_tensor(f"{name}/domain_runs_R"),
+                                                f.get_tensor(f"{name}/domain_counts_R"))
+            out[name] = TokenStream(
+                f.get_tensor(f"{name}/tokens_N").to(torch.int32),
+                domains_N.to(torch.uint8),
+                tuple(m["domain_names"]),
+                tuple(int(b) for b in m["num_bytes"]),
+            )
+    return out
 
 
-def _stream_from_dict(d: dict) -> TokenStream:
-    domains_N = torch.repeat_interleave(d["domain_runs_R"], d["domain_counts_R"])
-    return TokenStream(
-        d["tokens_N"].to(torch.int32),
-        domains_N.to(torch.uint8),
-        tuple(d["domain_names"]),
-        tuple(d["num_bytes"]),
-    )
+def _has_safetensors() -> bool:
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _relative_key(source: str, root: str) -> str:
+    """A user document's split key: its path relative to the data path it was found under
+    (a file given directly: its name)."""
+    base = Path(root)
+    if not base.is_dir():
+        return base.name
+    try:
+        return Path(source).relative_to(base).as_posix()
+    except ValueError:  # not under the root as written: fall back to the path itself
+        return Path(source).as_posix()
 
 
 def _build_tokenizer(config: DataConfig, train: list[Block], key: str, cache: Path | None):
@@ -303,30 +352,44 @@ def _build_tokenizer(config: DataConfig, train: list[Block], key: str, cache: Pa
     return tok
 
 
-def prepare_data(config: DataConfig, run_dir: str | Path | None = None) -> PreparedData:
+def prepare_data(config: DataConfig, run_dir: str | Path | None = None, *,
+                 tokenizer: ByteTokenizer | BPETokenizer | None = None) -> PreparedData:
     """Load the corpus, split it, get the tokenizer and the two token streams.
 
     With ``run_dir``, an existing ``run_dir/tokenizer.json`` is reused (a resumed run keeps its
     tokenizer); otherwise the tokenizer is built (a BPE is trained on the train split only) and
-    saved there. Raises ``FileNotFoundError``/``ValueError`` naming a missing or empty path.
+    saved there. ``tokenizer``: use this one as is (its kind must be ``config.tokenizer``;
+    ``run_dir`` is then not read or written). Raises ``FileNotFoundError``/``ValueError``
+    naming a missing or empty path.
     """
     if config.paths:
-        corpus = load_paths(config.paths)
+        docs, keys = [], []
+        for root in config.paths:
+            loaded = load_path(root)
+            docs += loaded
+            keys += [_relative_key(d.source, root) for d in loaded]
+        corpus = Corpus(tuple(docs))
     else:
         corpus = default_corpus(code_bytes=config.code_bytes)
-    train_blocks, val_blocks = split_corpus(corpus, config.val_fraction, config.block_chars)
+        keys = [d.source for d in corpus.documents]  # already relative: stdlib:..., novel names
+    train_blocks, val_blocks = split_corpus(corpus, config.val_fraction, config.block_chars, keys)
     cache = None
     if config.use_cache:
         cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     split_key = _key(
         corpus=corpus.fingerprint(),
+        keys=hashlib.sha256("\x00".join(keys).encode("utf-8", "surrogatepass")).hexdigest(),
         val_fraction=config.val_fraction,
         block_chars=config.block_chars,
         format=_CACHE_FORMAT,
     )
 
     saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
-    if saved is not None and saved.is_file():
+    if tokenizer is not None:
+        if tokenizer.kind != config.tokenizer:
+            raise ValueError(f"tokenizer={config.tokenizer!r} does not match the {tokenizer.kind} "
+                             "tokenizer given")
+    elif saved is not None and saved.is_file():
         tokenizer = load_tokenizer(saved)
         if tokenizer.kind != config.tokenizer:
             raise ValueError(
@@ -340,21 +403,19 @@ def prepare_data(config: DataConfig, run_dir: str | Path | None = None) -> Prepa
             tokenizer.save(run_dir)
 
     stream_path = None  # byte tokenization is as fast as reading a cache: only BPE is cached
-    if cache is not None and config.tokenizer == "bpe":
-        stream_path = cache / f"tokens-{_key(split=split_key, tok=tokenizer.fingerprint())}.pt"
+    if cache is not None and config.tokenizer == "bpe" and _has_safetensors():
+        key = _key(split=split_key, tok=tokenizer.fingerprint())
+        stream_path = cache / f"tokens-v{_CACHE_FORMAT}-{key}.safetensors"
     stored = None
     if stream_path is not None and stream_path.is_file():
         try:
-            stored = torch.load(stream_path, weights_only=True)
+            stored = _load_streams(stream_path)
+            train, val = stored["train"], stored["val"]
         except Exception:  # an unreadable cache file is rebuilt, not fatal
             stored = None
-    if stored is not None:
-        train, val = _stream_from_dict(stored["train"]), _stream_from_dict(stored["val"])
-    else:
+    if stored is None:
         train = tokenize_blocks(train_blocks, tokenizer, corpus.domains)
         val = tokenize_blocks(val_blocks, tokenizer, corpus.domains)
         if stream_path is not None:
-            _atomic_torch_save(
-                {"train": _stream_to_dict(train), "val": _stream_to_dict(val)}, stream_path
-            )
+            _save_streams({"train": train, "val": val}, stream_path)
     return PreparedData(tokenizer, train, val, corpus)

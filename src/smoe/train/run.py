@@ -10,6 +10,10 @@
 
 Nothing is written until every input has been checked: a missing data path, an unknown preset
 or a folder that holds something else raise before the folder is touched.
+
+``start_run(..., init_from=SRC)`` starts a new run (step 0, a fresh optimizer and schedule) from
+another run's model config, latest weights and tokenizer: a trained run, or a folder written by
+``smoe import``. Its metrics then begin with an evaluation at step 0, the starting model's.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from smoe.train.loop import Trainer, evaluate_model
 from smoe.train.metrics import MetricsLogger, truncate_metrics
 
 __all__ = ["RUN_CONFIG", "RUN_FORMAT", "RESUMABLE_CHANGES", "RunResult", "LoadedRun",
-           "is_smoe_run", "read_run_config", "model_config_for", "start_run", "resume_run",
+           "is_smoe_run", "read_run_config", "model_config_for", "init_tokenizer_kind",
+           "start_run", "resume_run",
            "load_run", "eval_run", "generate_text"]
 
 RUN_CONFIG = "config.json"
@@ -159,7 +164,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress: bool,
-         device: torch.device | str, log) -> RunResult:
+         device: torch.device | str, log, init_weights: Path | None = None) -> RunResult:
     from smoe.data import Batcher, val_batches
 
     train_cfg = TrainConfig.from_dict(run_cfg["train"])
@@ -175,6 +180,10 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
     _seed_all(train_cfg.seed)
     model = _build_model(model_cfg, device)
     folder = checkpoint_dir(run_dir) if resume else None
+    if folder is not None:
+        init_weights = None  # the run's own checkpoint has the weights
+    if init_weights is not None:
+        model.load_state_dict(load_model_weights(init_weights, device), strict=True)
     trainer = Trainer(model, train_cfg, batcher, val, val_bytes_per_token=bpt,
                       domain_names=data.val.domain_names, run_dir=run_dir, progress=progress)
     if folder is not None:
@@ -182,10 +191,14 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
         log(f"resuming {run_dir} from step {trainer.step} ({folder.name})")
     elif resume:
         log(f"{run_dir} has no checkpoint yet: starting it from step 0")
-    truncate_metrics(run_dir, trainer.step)
+    # A run initialized from another starts with a step-0 evaluation, logged again below.
+    truncate_metrics(run_dir, -1 if init_weights is not None else trainer.step)
     n = model.num_params()
     active = model.num_active_params()
-    log(f"model {run_cfg.get('preset', '?')}: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M "
+    name = run_cfg.get("preset") or "?"
+    if init_weights is not None:
+        name = f"{name} initialized from {run_cfg['init_from']['path']}"
+    log(f"model {name}: {n / 1e6:.2f}M parameters, {active / 1e6:.2f}M "
         f"active per token; data: {len(data.train):,} train / {len(data.val):,} val tokens "
         f"({', '.join(data.train.domain_names)}), tokenizer {data.tokenizer.kind} "
         f"({data.tokenizer.vocab_size} ids)")
@@ -195,29 +208,149 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
     start = trainer.elapsed_s
     with MetricsLogger(run_dir, purge_step=trainer.step or None) as logger:
         trainer.logger = logger
+        if init_weights is not None and trainer.val:  # where the new run starts from
+            logger.log(trainer.evaluate())
         last_eval = trainer.fit()
     return RunResult(run_dir, trainer.step, trainer.elapsed_s - start, last_eval, model,
                      data.tokenizer)
 
 
-def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str = "tiny-moe",
+@dataclass
+class _InitSource:
+    """What ``init_from`` gives a new run."""
+
+    run_dir: Path
+    config: dict[str, Any]       # the source's config.json
+    weights: Path                # its latest checkpoint folder
+    step: int
+    model: ModelConfig
+    tokenizer: Any               # None: the source has no tokenizer.json
+
+
+def _init_source(src: str | Path) -> _InitSource:
+    from smoe.data import TOKENIZER_FILE, load_tokenizer
+
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--init-from {str(src)!r} does not exist")
+    try:
+        cfg = read_run_config(src)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--init-from {str(src)!r} is not an smoe run ({e}); give a run folder "
+                         "made by `smoe train` or `smoe import`") from None
+    folder = checkpoint_dir(src)
+    if folder is None:
+        raise FileNotFoundError(f"--init-from {str(src)!r} has no checkpoint: nothing to start "
+                                "from (train it first, or import the model again)")
+    state = read_state(folder)
+    model = ModelConfig.from_dict(state.get("model_config") or cfg["model"])
+    _check_weights(folder, model, src)
+    tok = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
+    return _InitSource(src, cfg, folder, int(state["step"]), model, tok)
+
+
+def _check_weights(folder: Path, cfg: ModelConfig, src: Path) -> None:
+    """The checkpoint holds exactly the tensors, of the shapes, that ``cfg``'s model has (read
+    from the safetensors header; nothing is loaded)."""
+    from safetensors import safe_open
+
+    from smoe.model import SMoETransformer
+    from smoe.train.checkpoint import MODEL_FILE
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in SMoETransformer(cfg).state_dict().items()}
+    with safe_open(str(folder / MODEL_FILE), framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if have != want:
+        wrong = sorted(set(have) ^ set(want)) or sorted(k for k in want if have[k] != want[k])
+        more = ", ..." if len(wrong) > 3 else ""
+        raise ValueError(f"--init-from {str(src)!r}: the checkpoint's weights do not fit its "
+                         f"model config ({', '.join(wrong[:3])}{more})")
+
+
+def init_tokenizer_kind(src: str | Path) -> str | None:
+    """The tokenizer kind of a run started with ``init_from=src``: that of ``src``'s
+    ``tokenizer.json``, or ``None`` when it has none. Raises if ``src`` cannot be started from."""
+    tok = _init_source(src).tokenizer
+    return tok.kind if tok is not None else None
+
+
+def _fit_init_model(cfg: ModelConfig, train: TrainConfig) -> ModelConfig:
+    """The source's model config with the train config's MoE loss overrides."""
+    if train.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={train.seq_len} is longer than the model's context "
+                         f"(max_seq_len={cfg.max_seq_len}): give --seq-len {cfg.max_seq_len} or "
+                         "less")
+    changes = {k: getattr(train, k) for k in ("aux_loss_coef", "z_loss_coef")
+               if getattr(train, k) is not None}
+    if changes and cfg.moe is not None:
+        cfg = cfg.replace(moe=cfg.moe.replace(**changes))
+    return cfg
+
+
+def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = None,
               data=None, router: str | None = None, replace: bool = False,
               progress: bool = True, device: torch.device | str = "cpu", log=print,
-              extra: dict[str, Any] | None = None) -> RunResult:
+              extra: dict[str, Any] | None = None,
+              init_from: str | Path | None = None) -> RunResult:
     """Train a new run into ``run_dir`` (missing or empty; with ``replace=True`` an earlier
     smoe run there is deleted first). ``data`` is an :class:`smoe.data.DataConfig` (default:
-    the default corpus, byte tokenizer)."""
-    from smoe.data import DataConfig, prepare_data
+    the default corpus, byte tokenizer). ``preset`` defaults to ``tiny-moe``.
+
+    ``init_from``: another run folder (trained, or written by ``smoe import``) whose model
+    config, latest weights and tokenizer the new run starts from, at step 0 with a fresh
+    optimizer and schedule. The model comes from there, so ``preset`` and ``router`` must be
+    ``None``; ``data.tokenizer`` must be the kind of the source's ``tokenizer.json``
+    (``data=None``: that kind). A source without one needs ``tokenizer="byte"`` and a
+    vocabulary of at least 257 ids.
+    """
+    from smoe.data import ByteTokenizer, DataConfig, prepare_data
 
     run_dir = Path(run_dir)
+    src = None
+    if init_from is not None:
+        given = [f"{k}={v!r}" for k, v in (("preset", preset), ("router", router))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} conflicts with --init-from: the model (its "
+                             f"size and router) comes from {str(init_from)!r}")
+        if _abs(init_from) == _abs(run_dir):
+            raise ValueError(f"--init-from {str(init_from)!r} is the output folder: give a new "
+                             "folder for the new run")
+        src = _init_source(init_from)
+    else:
+        preset = preset if preset is not None else "tiny-moe"
     _check_fresh_dir(run_dir, replace)
-    get_preset(preset)  # an unknown name raises here, before the data is read
-    data_cfg = data if data is not None else DataConfig()
+    tokenizer = None
+    if src is not None:
+        kind = src.tokenizer.kind if src.tokenizer is not None else "byte"
+        data_cfg = data if data is not None else DataConfig(tokenizer=kind)
+        if src.tokenizer is not None:
+            tokenizer = src.tokenizer
+            if data_cfg.tokenizer != kind:
+                raise ValueError(f"tokenizer={data_cfg.tokenizer!r} differs from the {kind} "
+                                 f"tokenizer of {str(src.run_dir)!r}: its model reads that "
+                                 "tokenizer's ids (leave --tokenizer out)")
+        elif data is None or data_cfg.tokenizer != "byte":
+            raise ValueError(f"{str(src.run_dir)!r} has no tokenizer.json: pass --tokenizer byte "
+                             f"(257 ids) to train its model (vocab_size={src.model.vocab_size}) on "
+                             "bytes")
+        else:
+            tokenizer = ByteTokenizer()
+        if tokenizer.vocab_size > src.model.vocab_size:
+            raise ValueError(f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids, more "
+                             f"than the vocab_size={src.model.vocab_size} of the model in "
+                             f"{str(src.run_dir)!r}")
+        model_cfg = _fit_init_model(src.model, train)
+    else:
+        get_preset(preset)  # an unknown name raises here, before the data is read
+        data_cfg = data if data is not None else DataConfig()
     # Absolute data paths, so that the run resumes from any working directory.
     data_cfg = dataclasses.replace(data_cfg, paths=tuple(_abs(p) for p in data_cfg.paths))
-    prepared = prepare_data(data_cfg)
-    model_cfg = model_config_for(preset, prepared.tokenizer.vocab_size, train.seq_len, router,
-                                 train)
+    prepared = prepare_data(data_cfg, tokenizer=tokenizer)
+    if src is None:
+        model_cfg = model_config_for(preset, prepared.tokenizer.vocab_size, train.seq_len, router,
+                                     train)
     for name, stream in (("train", prepared.train), ("validation", prepared.val)):
         if len(stream) < train.seq_len + 1:
             raise ValueError(f"the {name} split has {len(stream)} tokens, fewer than seq_len + 1 "
@@ -230,9 +363,15 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str = "tiny-mo
                "model": model_cfg.to_dict(), "train": train.to_dict(),
                "data": data_cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                **(extra or {})}
+    if src is not None:
+        run_cfg["preset"] = src.config.get("preset")
+        run_cfg["router"] = src.config.get("router")
+        run_cfg["init_from"] = {"path": _abs(src.run_dir), "step": src.step,
+                                **({"imported_from": src.config["imported_from"]}
+                                   if "imported_from" in src.config else {})}
     _write_json(run_dir / RUN_CONFIG, run_cfg)
     return _run(run_dir, run_cfg, prepared, resume=False, progress=progress, device=device,
-                log=log)
+                log=log, init_weights=src.weights if src is not None else None)
 
 
 def resume_run(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
@@ -274,8 +413,12 @@ def resume_run(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
         run_cfg["train"] = train.to_dict()
         _write_json(run_dir / RUN_CONFIG, run_cfg)
     prepared = prepare_data(DataConfig(**data_saved), run_dir=run_dir)
+    init_weights = None
+    if "init_from" in run_cfg and checkpoint_dir(run_dir) is None:
+        # stopped before its first checkpoint: start again from the source's weights
+        init_weights = _init_source(run_cfg["init_from"]["path"]).weights
     return _run(run_dir, run_cfg, prepared, resume=True, progress=progress, device=device,
-                log=log)
+                log=log, init_weights=init_weights)
 
 
 def _abs(path: str | Path) -> str:
