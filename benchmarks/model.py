@@ -131,16 +131,9 @@ def hf_patched(rounds: int, prompt_len: int, new_tokens: int) -> list[str]:
 
 
 def write_section(text: str, start: str, end: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    from smoe.bench import write_section as write
+
+    write(ROOT / "BENCHMARKS.md", text, start, end)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -859,15 +859,17 @@ def _sweep_markdown(report: dict[str, Any], labels: dict[str, str]) -> list[str]
     return L
 
 
-def write_section(path: str | os.PathLike, section: str) -> None:
-    """Replace the text between the layer-bench markers in ``path`` (create it if missing,
-    append the section if it has no markers); written atomically (tmp file + os.replace)."""
+def write_section(path: str | os.PathLike, section: str, start: str = MARK_START,
+                  end: str = MARK_END) -> None:
+    """Replace the text between the ``start``/``end`` markers in ``path`` (create it if
+    missing, append the section if it has no markers); written atomically (tmp + os.replace).
+    Every benchmark script writes its own section of BENCHMARKS.md through this."""
     path = Path(path)
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
+    block = f"{start}\n{section.rstrip()}\n{end}"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    i, j = old.find(MARK_START), old.find(MARK_END)
+    i, j = old.find(start), old.find(end)
     if i != -1 and j > i:
-        new = old[:i] + block + old[j + len(MARK_END):]
+        new = old[:i] + block + old[j + len(end):]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")

@@ -12,19 +12,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from smoe.config import _non_negative_int as _nonneg_int
+from smoe.config import _positive_int as _pos_int
 from smoe.config import config_error
 
 __all__ = ["TrainConfig"]
-
-
-def _pos_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise config_error(name, value, "must be a positive integer")
-
-
-def _nonneg_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise config_error(name, value, "must be a non-negative integer")
 
 
 def _number(name: str, value: Any, lo: float = 0.0, *, strict: bool = False,
