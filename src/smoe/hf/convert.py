@@ -617,19 +617,13 @@ def _load_smoe(source: Any) -> tuple[ModelConfig, dict[str, torch.Tensor], Path 
             raise ValueError("export_hf needs an smoe SMoETransformer (or a run folder), not "
                              f"{type(source).__name__}")
         return config, dict(source.state_dict()), None, None
-    from smoe.train.checkpoint import checkpoint_dir, load_model_weights, read_state
-    from smoe.train.run import read_run_config
+    from smoe.train.checkpoint import load_model_weights
+    from smoe.train.run import latest_checkpoint
 
     run_dir = Path(source)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR {str(run_dir)!r} does not exist")
-    run_cfg = read_run_config(run_dir)
-    folder = checkpoint_dir(run_dir)
-    if folder is None:
-        raise FileNotFoundError(f"{str(run_dir)!r} has no complete checkpoint yet: train it "
-                                "first")
-    state = read_state(folder)
-    config = ModelConfig.from_dict(state.get("model_config") or run_cfg["model"])
+    _, folder, state, config = latest_checkpoint(run_dir)
     return (config, load_model_weights(folder), run_dir / "tokenizer.json",
             int(state.get("step", 0)))
 

@@ -80,6 +80,21 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any],
+                                                     ModelConfig]:
+    """(run config, checkpoint folder, checkpoint state, model config) of a run's latest
+    complete checkpoint. Raises FileNotFoundError when the run has none yet."""
+    run_dir = Path(run_dir)
+    run_cfg = read_run_config(run_dir)
+    folder = checkpoint_dir(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet: train it first "
+                                "(smoe train ... --out RUN_DIR)")
+    state = read_state(folder)
+    return run_cfg, folder, state, ModelConfig.from_dict(state.get("model_config")
+                                                          or run_cfg["model"])
+
+
 def is_smoe_run(run_dir: str | Path) -> bool:
     try:
         read_run_config(run_dir)
@@ -238,12 +253,11 @@ def _init_source(src: str | Path) -> _InitSource:
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--init-from {str(src)!r} is not an smoe run ({e}); give a run folder "
                          "made by `smoe train` or `smoe import`") from None
-    folder = checkpoint_dir(src)
-    if folder is None:
+    try:
+        cfg, folder, state, model = latest_checkpoint(src)
+    except FileNotFoundError:
         raise FileNotFoundError(f"--init-from {str(src)!r} has no checkpoint: nothing to start "
-                                "from (train it first, or import the model again)")
-    state = read_state(folder)
-    model = ModelConfig.from_dict(state.get("model_config") or cfg["model"])
+                                "from (train it first, or import the model again)") from None
     _check_weights(folder, model, src)
     tok = load_tokenizer(src) if (src / TOKENIZER_FILE).is_file() else None
     return _InitSource(src, cfg, folder, int(state["step"]), model, tok)
@@ -438,13 +452,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
     from smoe.model import SMoETransformer
 
     run_dir = Path(run_dir)
-    run_cfg = read_run_config(run_dir)
-    folder = checkpoint_dir(run_dir)
-    if folder is None:
-        raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet: train it first "
-                                "(smoe train ... --out RUN_DIR)")
-    state = read_state(folder)
-    model_cfg = ModelConfig.from_dict(state.get("model_config") or run_cfg["model"])
+    run_cfg, folder, state, model_cfg = latest_checkpoint(run_dir)
     with torch.device("meta"):
         model = SMoETransformer(model_cfg)
     model.load_state_dict(load_model_weights(folder, device), strict=True, assign=True)
