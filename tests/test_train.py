@@ -344,13 +344,15 @@ def test_checkpoint_files_are_safetensors_and_json(trained_run):
 
 # -- exact resume after SIGKILL --------------------------------------------------------------
 _SLOW = ("import sys, time; import smoe.train.loop as L; f = L.Trainer.train_step; "
-         "L.Trainer.train_step = lambda self, b: (time.sleep(0.25), f(self, b))[1]; "
+         "L.Trainer.train_step = lambda self, b: (time.sleep(120 if self.step >= 8 else 0), "
+         "f(self, b))[1]; "
          "from smoe.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def test_sigkill_then_resume_logs_the_same_losses(trained_run, corpus_dir, env, tmp_path):
     out = tmp_path / "killed"
-    # The same command, each step slowed by 0.25 s so that the kill lands before the end.
+    # The same command, but once the checkpoint of step 8 is written the next step blocks, so
+    # the kill lands there whatever the machine's load (no race with the end of the run).
     proc = subprocess.Popen([sys.executable, "-c", _SLOW, "train", "--out", str(out), "--data",
                              str(corpus_dir), *RUN_ARGS], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
