@@ -44,6 +44,14 @@ def config_error(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{name}={value!r} is invalid: {allowed}")
 
 
+def check_known_fields(cls: type, data: dict[str, Any]) -> None:
+    """Refuse keys that are not fields of the dataclass ``cls`` (a typo must not vanish)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise config_error(name, value, "must be a positive integer")
@@ -226,10 +234,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig field(s): {', '.join(unknown)}")
+        check_known_fields(cls, data)
         return cls(**data)
 
 
@@ -413,10 +418,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        check_known_fields(cls, data)
         data = dict(data)
         if isinstance(data.get("moe"), dict):
             data["moe"] = MoEConfig.from_dict(data["moe"])

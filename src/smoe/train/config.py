@@ -14,7 +14,7 @@ from typing import Any
 
 from smoe.config import _non_negative_int as _nonneg_int
 from smoe.config import _positive_int as _pos_int
-from smoe.config import config_error
+from smoe.config import check_known_fields, config_error
 
 __all__ = ["TrainConfig"]
 
@@ -124,8 +124,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        check_known_fields(cls, data)
         return cls(**data)
