@@ -491,8 +491,8 @@ INIT_ARGS = ["--steps", "10", "--batch-size", "4", "--seq-len", "32", "--eval-ev
 
 def test_init_from_starts_a_new_run_at_the_source_model(trained_run, corpus_dir, tmp_path,
                                                         capsys):
-    """The new run's step-0 evaluation is the source model's (exactly: the same weights, the
-    same validation batches); then it trains from step 0 with a fresh optimizer and schedule."""
+    """The new run's step-0 evaluation is the source model's (the same weights, the same
+    validation batches; equal within float32 kernel differences); then it trains from step 0 with a fresh optimizer and schedule."""
     from smoe.train import eval_run
 
     out = tmp_path / "new"
@@ -505,9 +505,16 @@ def test_init_from_starts_a_new_run_at_the_source_model(trained_run, corpus_dir,
     assert [r["step"] for r in evals] == [0, 10]
     source_final = [r for r in read_metrics(trained_run) if "val_loss" in r][-1]
     assert source_final["step"] == 12
-    assert evals[0]["val_loss"] == source_final["val_loss"]             # exact
-    assert evals[0]["val_loss"] == eval_run(trained_run)["val_loss"]
-    assert evals[0]["val_loss_by_domain"] == source_final["val_loss_by_domain"]
+    # The same weights and validation batches, but the source's figure was computed in the
+    # training process and this one after a reload: the float32 kernels may differ (oneDNN and
+    # MKL pick per CPU and per memory layout), which moves a 32k-token mean by ~1e-9 relative.
+    # 1e-6 relative is far below what one training step changes (~1e-2).
+    same = dict(rel=1e-6)
+    assert evals[0]["val_loss"] == pytest.approx(source_final["val_loss"], **same)
+    assert evals[0]["val_loss"] == pytest.approx(eval_run(trained_run)["val_loss"], **same)
+    for domain, loss in source_final["val_loss_by_domain"].items():
+        assert evals[0]["val_loss_by_domain"][domain] == pytest.approx(loss, **same)
+    assert set(evals[0]["val_loss_by_domain"]) == set(source_final["val_loss_by_domain"])
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 11))
     assert all(math.isfinite(r["loss"]) for r in train)
