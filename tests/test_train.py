@@ -82,7 +82,7 @@ def _one_thread_private_cache(monkeypatch, env):
 
 
 def _smoe(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smoe.cli", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "smoe", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120, **kw)
 
 

@@ -1,0 +1,7 @@
+"""``python -m smoe`` (and ``torchrun -m smoe``): the command line."""
+
+import sys
+
+from smoe.cli import main
+
+sys.exit(main())
