@@ -17,7 +17,7 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
 
     def run(a: argparse.Namespace) -> int:
-        from smoe.train import generate_text
+        from smoe.runs import generate_text
 
         text = generate_text(a.run_dir, a.prompt, a.max_new_tokens, temperature=a.temperature,
                              top_p=a.top_p, seed=a.seed)
