@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from smoe.train.optim import rescheduled
 
 __all__ = ["RUN_CONFIG", "RUN_FORMAT", "RESUMABLE_CHANGES", "RunResult", "LoadedRun",
            "is_smoe_run", "read_run_config", "model_config_for", "init_tokenizer_kind",
+           "data_config_for", "check_causal",
            "start_run", "resume_run",
            "load_run", "eval_run", "generate_text"]
 
@@ -100,31 +102,62 @@ def _checkpoint_step(run_dir: Path) -> int | None:
 
 # -- building -------------------------------------------------------------------------------
 def model_config_for(preset: str, vocab_size: int, seq_len: int, router: str | None = None,
-                     train: TrainConfig | None = None) -> ModelConfig:
+                     train: TrainConfig | None = None, *,
+                     overrides: dict[str, dict[str, Any]] | None = None) -> ModelConfig:
     """The preset's config fitted to a tokenizer and a sequence length.
 
     ``vocab_size`` is the tokenizer's; ``max_seq_len`` grows to ``seq_len`` if needed (RoPE has
     no learned positions). ``router`` replaces the MoE router (``switch`` also sets top_k=1).
+    ``overrides``: ``{"model": {field: value}, "moe": {field: value}}`` of ModelConfig and
+    MoEConfig fields (a config file's ``[model]``/``[moe]``, ``--set``), applied after the
+    router; a new ``model.hidden_size`` carries over to the MoE unless ``moe`` sets its own.
     The train config's ``aux_loss_coef``/``z_loss_coef`` overrides go into the MoE config.
     """
+    from smoe.config import MoEConfig, check_known_fields
+
+    overrides = overrides or {}
+    model_over = dict(overrides.get("model") or {})
+    moe_over = dict(overrides.get("moe") or {})
+    model_over.pop("preset", None)
+    if "moe" in model_over:
+        raise ValueError("model.moe: give the MoE fields in the [moe] section (moe.FIELD)")
+    check_known_fields(ModelConfig, model_over)
+    check_known_fields(MoEConfig, moe_over)
     cfg = get_preset(preset)
     cfg = cfg.replace(vocab_size=vocab_size, max_seq_len=max(cfg.max_seq_len, seq_len))
+    if model_over:
+        if "hidden_size" in model_over and cfg.moe is not None:
+            moe_over.setdefault("hidden_size", model_over["hidden_size"])
+        cfg = dataclasses.replace(cfg, **model_over, moe=cfg.moe.replace(**moe_over)
+                                  if cfg.moe is not None and moe_over else cfg.moe)
+        moe_over = {}
     changes: dict[str, Any] = {}
     if router is not None:
         changes["router"] = router
         if router == "switch":
             changes["top_k"] = 1
+    changes.update(moe_over)
     if train is not None:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(train, name) is not None:
                 changes[name] = getattr(train, name)
     if changes:
         if cfg.moe is None:
-            if router is not None:
-                raise ValueError(f"preset {preset!r} is dense: --router needs an MoE preset")
+            if router is not None or moe_over:
+                raise ValueError(f"preset {preset!r} is dense: --router and MoE settings need "
+                                 "an MoE preset (e.g. tiny-moe)")
             return cfg
         cfg = cfg.replace(moe=cfg.moe.replace(**changes))
     return cfg
+
+
+def check_causal(cfg: ModelConfig, allow_noncausal_router: bool = False) -> None:
+    """Refuse a router that sees the whole batch (``expert_choice``) for a causal language
+    model: it trains, but on information from later tokens, and cannot generate."""
+    if cfg.moe is not None and cfg.moe.router == "expert_choice" and not allow_noncausal_router:
+        raise ValueError("router='expert_choice' is not causal (each expert picks tokens from the "
+                         "whole batch, later tokens included): a language model trained with it "
+                         "cannot generate; pass --allow-noncausal-router to train it anyway")
 
 
 def _build_model(cfg: ModelConfig, device: torch.device | str):
@@ -283,6 +316,24 @@ def init_tokenizer_kind(src: str | Path) -> str | None:
     return tok.kind if tok is not None else None
 
 
+def data_config_for(paths: Sequence[str] = (), tokenizer: str | None = None,
+                    init_from: str | Path | None = None, **fields: Any):
+    """The :class:`smoe.data.DataConfig` of a new run: ``tokenizer`` ``None`` means ``byte``,
+    or for a run started from ``init_from`` the kind of that run's tokenizer (a source without
+    ``tokenizer.json`` needs ``tokenizer="byte"`` given explicitly)."""
+    from smoe.config import check_known_fields
+    from smoe.data import DataConfig
+
+    check_known_fields(DataConfig, fields)
+    if tokenizer is None and init_from is not None:
+        tokenizer = init_tokenizer_kind(init_from)
+        if tokenizer is None:
+            raise ValueError(f"{str(init_from)!r} has no tokenizer.json: pass --tokenizer byte to "
+                             "train its model on bytes (257 ids; the model's vocabulary must "
+                             "hold them)")
+    return DataConfig(paths=tuple(paths), tokenizer=tokenizer or "byte", **fields)
+
+
 def _fit_init_model(cfg: ModelConfig, train: TrainConfig) -> ModelConfig:
     """The source's model config with the train config's MoE loss overrides."""
     if train.seq_len > cfg.max_seq_len:
@@ -300,9 +351,14 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
               data=None, router: str | None = None, replace: bool = False,
               progress: bool = True, device: torch.device | str = "cpu", log=print,
               extra: dict[str, Any] | None = None,
-              init_from: str | Path | None = None) -> RunResult:
+              init_from: str | Path | None = None,
+              model_overrides: dict[str, dict[str, Any]] | None = None,
+              allow_noncausal_router: bool = False) -> RunResult:
     """Train a new run into ``run_dir`` (missing or empty; with ``replace=True`` an earlier
-    smoe run there is deleted first). ``data`` is an :class:`smoe.data.DataConfig` (default:
+    smoe run there, finished or from a failed start, is deleted first, once every input has
+    been checked). ``model_overrides``: ModelConfig/MoEConfig fields over the preset's (see
+    :func:`model_config_for`). A non-causal router (``expert_choice``) is refused unless
+    ``allow_noncausal_router``. ``data`` is an :class:`smoe.data.DataConfig` (default:
     the default corpus, byte tokenizer). ``preset`` defaults to ``tiny-moe``.
 
     ``init_from``: another run folder (trained, or written by ``smoe import``) whose model
@@ -317,8 +373,9 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
     run_dir = Path(run_dir)
     src = None
     if init_from is not None:
-        given = [f"{k}={v!r}" for k, v in (("preset", preset), ("router", router))
-                 if v is not None]
+        given = [f"{k}={v!r}" for k, v in (("preset", preset), ("router", router),
+                                           ("model_overrides", model_overrides))
+                 if v]
         if given:
             raise ValueError(f"{' and '.join(given)} conflicts with --init-from: the model (its "
                              f"size and router) comes from {str(init_from)!r}")
@@ -350,6 +407,7 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
                              f"than the vocab_size={src.model.vocab_size} of the model in "
                              f"{str(src.run_dir)!r}")
         model_cfg = _fit_init_model(src.model, train)
+        check_causal(model_cfg, allow_noncausal_router)
     else:
         get_preset(preset)  # an unknown name raises here, before the data is read
         data_cfg = data if data is not None else DataConfig()
@@ -358,7 +416,8 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
     prepared = prepare_data(data_cfg, tokenizer=tokenizer)
     if src is None:
         model_cfg = model_config_for(preset, prepared.tokenizer.vocab_size, train.seq_len, router,
-                                     train)
+                                     train, overrides=model_overrides)
+    check_causal(model_cfg, allow_noncausal_router)
     for name, stream in (("train", prepared.train), ("validation", prepared.val)):
         if len(stream) < train.seq_len + 1:
             raise ValueError(f"the {name} split has {len(stream)} tokens, fewer than seq_len + 1 "
@@ -366,7 +425,6 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
     if replace and run_dir.exists() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)  # _check_fresh_dir made sure it is an smoe run
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared.tokenizer.save(run_dir)
     run_cfg = {"format": RUN_FORMAT, "version": 1, "preset": preset, "router": router,
                "model": model_cfg.to_dict(), "train": train.to_dict(),
                "data": data_cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -377,7 +435,9 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
         run_cfg["init_from"] = {"path": _abs(src.run_dir), "step": src.step,
                                 **({"imported_from": src.config["imported_from"]}
                                    if "imported_from" in src.config else {})}
+    # config.json first: a folder it is in is an smoe run, which --overwrite may replace.
     _write_json(run_dir / RUN_CONFIG, run_cfg)
+    prepared.tokenizer.save(run_dir)
     return _run(run_dir, run_cfg, prepared, resume=False, progress=progress, device=device,
                 log=log, init_weights=src.weights if src is not None else None)
 
@@ -447,12 +507,13 @@ def _differs(a: Any, b: Any) -> bool:
 
 # -- using a trained run ------------------------------------------------------------------
 def eval_run(run_dir: str | Path, eval_batches: int | None = None,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
+             device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
+             ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint on its validation split (the run's eval settings,
     or ``eval_batches`` batches)."""
     from smoe.data import DataConfig, prepare_data, val_batches
 
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, dtype)
     if "train" in run.config:
         train = TrainConfig.from_dict(run.config["train"])
     else:  # an imported model: default settings, the default corpus
