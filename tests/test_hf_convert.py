@@ -228,15 +228,30 @@ def test_hf_model_survives_import_and_export(tmp_path, family):
     assert redone["model_type"] == family
 
 
-def test_bf16_weights_become_float32_unless_kept(tmp_path):
-    hf = hf_model("qwen3_moe").to(torch.bfloat16)
+def test_import_keeps_the_checkpoint_dtype_unless_told(tmp_path, capsys):
+    """bf16 on disk stays bf16 (float32 buffers such as the selection bias stay float32);
+    --dtype float32 casts; the run records its dtype and runs as it is stored."""
+    hf = hf_model("glm4_moe").to(torch.bfloat16)
     hf.save_pretrained(str(tmp_path / "hf"))
-    import_hf(tmp_path / "hf", tmp_path / "f32")
-    import_hf(tmp_path / "hf", tmp_path / "kept", dtype=None)
-    f32, kept = load_run_weights(tmp_path / "f32"), load_run_weights(tmp_path / "kept")
-    key = "layers.1.ffn.experts.gate_up_proj"
-    assert f32[key].dtype == torch.float32 and kept[key].dtype == torch.bfloat16
-    assert torch.equal(f32[key], kept[key].float())
+    kept = import_hf(tmp_path / "hf", tmp_path / "kept")
+    f32 = import_hf(tmp_path / "hf", tmp_path / "f32", dtype="float32")
+    assert (kept.dtype, f32.dtype) == (torch.bfloat16, torch.float32)
+    w_kept, w_f32 = load_run_weights(tmp_path / "kept"), load_run_weights(tmp_path / "f32")
+    key, bias = "layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.router.expert_bias"
+    assert w_kept[key].dtype == torch.bfloat16 and w_f32[key].dtype == torch.float32
+    assert w_kept[bias].dtype == torch.float32
+    assert all(torch.equal(w_f32[k], v.float()) for k, v in w_kept.items())
+    for run, name in (("kept", "bfloat16"), ("f32", "float32")):
+        assert json.loads((tmp_path / run / "config.json").read_text())["dtype"] == name
+    with torch.device("meta"):
+        model = SMoETransformer(kept.config)
+    model.load_state_dict(w_kept, assign=True)
+    assert model.embed.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).logits.float()).all()
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "cli")]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    assert load_run_weights(tmp_path / "cli")[key].dtype == torch.bfloat16
 
 
 def test_fused_expert_layout_is_read_too(tmp_path):
