@@ -63,6 +63,12 @@ CASES = {
                                                       norm_topk_prob=False)), "glm4_moe"),
     "mixtral_topk_softmax": (config(moe=moe(router="topk_softmax"), tie_embeddings=True),
                              "mixtral"),
+    # gpt-oss: clamped SwiGLU (a limit low enough to clamp), expert and router biases
+    "gpt_oss": (config(moe=moe(router="topk_softmax", activation="swiglu_oai", expert_bias=True,
+                               router_bias=True, activation_limit=0.5, activation_alpha=1.5)),
+                "gpt_oss"),
+    "gpt_oss_no_biases": (config(moe=moe(activation="swiglu_oai"), tie_embeddings=True),
+                          "gpt_oss"),
 }
 
 
@@ -77,6 +83,10 @@ def build(cfg: ModelConfig, seed: int = 0) -> SMoETransformer:
         for _, layer in model.moe_layers():
             if layer.router.expert_bias is not None:
                 layer.router.expert_bias.normal_(std=0.05)
+            for b in (layer.router.bias, layer.experts.in_proj_bias,
+                      layer.experts.down_proj_bias):
+                if b is not None:
+                    b.normal_(std=0.1)
     return model
 
 
@@ -186,6 +196,10 @@ def hf_model(family: str):
             first_k_dense_replace=1, use_qk_norm=True, partial_rotary_factor=1.0,
             num_nextn_predict_layers=0, **common),
         "llama": lambda: transformers.LlamaConfig(intermediate_size=48, **common),
+        # what smoe can run: every layer full attention (no sinks are set below)
+        "gpt_oss": lambda: transformers.GptOssConfig(
+            intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention"] * 3, swiglu_limit=1.0, **common),
     }
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(kinds[family]()).eval()
@@ -195,13 +209,18 @@ def hf_model(family: str):
                 p.add_(torch.randn_like(p) * 0.2)
             if name.endswith("_proj.bias"):  # smoe's attention has no biases
                 p.zero_()
+            if name.endswith(("_proj_bias", "router.bias")):
+                p.normal_(std=0.1)
+            if name.endswith("self_attn.sinks"):  # -inf: no sink, smoe's attention
+                p.fill_(float("-inf"))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.05)
     return model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "llama"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "llama",
+                                    "gpt_oss"])
 def test_hf_model_survives_import_and_export(tmp_path, family):
     hf = hf_model(family)
     shard = "20KB" if family == "mixtral" else None  # shards + index on the way in
