@@ -119,6 +119,21 @@ def load_run_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI, expecting exit 2 and one error line (transformers may warn before it)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"smoe {argv[0]}: error:")]
+    assert len(lines) == 1 and err.endswith(lines[0] + "\n") and "Traceback" not in err
+    return lines[0]
+
+
+def nothing_written(tmp_path, out="run") -> bool:
+    return not (tmp_path / out).exists() and not any(
+        p.name.startswith(".") for p in tmp_path.iterdir())
+
+
 # -- export -> transformers -> import ---------------------------------------------------------
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_matches_transformers_and_imports_back(tmp_path, name):

@@ -17,27 +17,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from test_hf_convert import V, build, config, hf_model, moe, tokens  # noqa: E402
+from test_hf_convert import (V, build, config, hf_model, moe, nothing_written,  # noqa: E402
+                             one_line_error, tokens)
 
 from smoe.cli import main  # noqa: E402
 from smoe.hf.convert import export_hf, hf_format_for, import_hf  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-
-
-def one_line_error(capsys, argv) -> str:
-    """Run the CLI, expecting exit 2 and one error line (transformers may warn before it)."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith(f"smoe {argv[0]}: error:")]
-    assert len(lines) == 1 and err.endswith(lines[0] + "\n") and "Traceback" not in err
-    return lines[0]
-
-
-def nothing_written(tmp_path, out="run") -> bool:
-    return not (tmp_path / out).exists() and not any(
-        p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 # -- gpt-oss ----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from smoe.config import ModelConfig
 from smoe.hf.files import (HFTensors, abandon_output, begin_output, check_output,
                            finish_output, read_json, read_safetensors, write_safetensors)
 from smoe.hf.formats import (_SMOE_KEY, EXPORT_FAMILIES, IMPORT_FAMILIES, HFFormat,
-                             _first_line, _key_context, hf_format_for, mla_refusal,
+                             _one_line, _key_context, hf_format_for, mla_refusal,
                              model_config_from_hf, unknown_family)
 from smoe.hf.keymaps import from_hf, to_hf
 from smoe.hf.tokenizer import export_tokenizer, import_tokenizer
@@ -94,9 +94,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
-    """(model config, weights, step) of a run folder's latest checkpoint. The only place this
-    module reads smoe's run layout (``smoe.train``)."""
+def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int, Path]:
+    """(model config, weights, step, weights file) of a run folder's latest checkpoint. The
+    only place this module reads smoe's run layout (``smoe.train``)."""
     from smoe.train.checkpoint import MODEL_FILE
     from smoe.train.run import latest_checkpoint
 
@@ -105,8 +105,9 @@ def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int]
         step = int(state.get("step", 0))
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"RUN_DIR {str(run_dir)!r} has a malformed config.json or checkpoint "
-                         f"state ({type(e).__name__}: {_first_line(e)})") from None
-    return config, read_safetensors(Path(folder) / MODEL_FILE), step
+                         f"state ({type(e).__name__}: {_one_line(e)})") from None
+    weights = Path(folder) / MODEL_FILE
+    return config, read_safetensors(weights), step, weights
 
 
 def _load_smoe(source: Any) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None,
@@ -121,7 +122,13 @@ def _load_smoe(source: Any) -> tuple[ModelConfig, dict[str, torch.Tensor], Path 
     run_dir = Path(source)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR {str(run_dir)!r} does not exist")
-    config, state, step = _read_run(run_dir)
+    config, state, step, weights = _read_run(run_dir)
+    try:
+        _check_state(config, state)
+    except ValueError as e:
+        raise ValueError(f"{str(weights)!r} does not match the run's model config: "
+                         f"{str(e).removeprefix('the weights do not fit the model config: ')}"
+                         ) from None
     return config, state, run_dir / "tokenizer.json", step
 
 
@@ -252,8 +259,8 @@ def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
     quant = raw.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise ValueError(f"quantization_config (quant_method={method!r}): quantized checkpoints "
-                         "cannot be imported; use the unquantized weights")
+        raise ValueError(f"{str(cfg_path)!r}: quantization_config (quant_method={method!r}): "
+                         "quantized checkpoints cannot be imported; use the unquantized weights")
     return raw
 
 
@@ -292,7 +299,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
         hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
     except Exception as e:  # strict validation of transformers' config classes
         raise ValueError(f"{str(hf_dir / 'config.json')!r} does not fit transformers' {family} "
-                         f"config: {_first_line(e)}") from None
+                         f"config: {_one_line(e)}") from None
     try:
         derived, flags = model_config_from_hf(hf_cfg)
     except ValueError as e:

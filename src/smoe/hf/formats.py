@@ -382,13 +382,15 @@ def _as_hf_config(hf_config: Any) -> Any:
             return AutoConfig.for_model(model_type, **data)
         except Exception as e:  # transformers' strict validation raises several types
             raise ValueError(f"the {model_type} config does not fit transformers' "
-                             f"{model_type} config: {_first_line(e)}") from None
+                             f"{model_type} config: {_one_line(e)}") from None
     return hf_config
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its lines joined), at most ``limit`` characters."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    text = text or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_attention(cfg: Any, family: str, max_pos: int) -> list[str]:
@@ -498,7 +500,7 @@ def mla_refusal(hf_config: Mapping[str, Any] | Any) -> str | None:
 
 def unknown_family(family: Any) -> str:
     """The one-line reason a ``model_type`` cannot be imported, listing the ones that can."""
-    what = "config.json has no model_type" if family is None else f"model_type {family!r}"
+    what = "model_type is missing" if family is None else f"model_type {family!r}"
     return (f"{what}: smoe imports {', '.join(IMPORT_FAMILIES)} (smoe.hf.patch runs more "
             "families inside transformers)")
 
@@ -520,10 +522,17 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, frozenset[str]]:
     try:
         return _from_hf(cfg, family)
     except (TypeError, ArithmeticError) as e:  # a field of the wrong type or value
-        raise ValueError(f"the {family} config is malformed: {_first_line(e)}") from None
+        raise ValueError(f"the {family} config is malformed: {_one_line(e)}") from None
 
 
 def _from_hf(cfg: Any, family: str) -> tuple[ModelConfig, frozenset[str]]:
+    for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                 "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            raise ValueError(f"{name}={value!r} in the {family} config: must be a positive "
+                             "integer")
     L, D = int(_attr(cfg, "num_hidden_layers")), int(_attr(cfg, "hidden_size"))
     heads = int(_attr(cfg, "num_attention_heads"))
     head_dim = int(_attr(cfg, "head_dim", default=D // heads))
