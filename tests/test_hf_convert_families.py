@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 from test_hf_convert import (V, build, config, hf_model, moe, nothing_written,  # noqa: E402
                              one_line_error, tokens)
 
-from smoe.cli import main  # noqa: E402
 from smoe.hf.convert import export_hf, hf_format_for, import_hf  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")

@@ -8,8 +8,8 @@
 (float32: within 1e-5). Export needs only torch and safetensors; import reads the config with
 transformers (its defaults) and the tensors with safetensors, never with pickle.
 
-Which architecture, and how the config is mapped: :mod:`smoe.hf.formats` (:func:`hf_format_for`,
-:func:`model_config_from_hf`), re-exported here. This module holds the rest: export and import,
+Which architecture, and how the config is mapped: :mod:`smoe.hf.formats` (:func:`hf_format_for`)
+and :mod:`smoe.hf.import_config` (:func:`model_config_from_hf`), re-exported here. This module holds the rest: export and import,
 the safetensors files, and what ``smoe export``/``smoe import`` print.
 
 Writes are atomic: everything goes into a temporary folder beside ``out_dir``, renamed at the
@@ -39,8 +39,8 @@ from smoe.config import ModelConfig
 from smoe.hf.files import (HFTensors, abandon_output, begin_output, check_output,
                            finish_output, read_json, read_safetensors, write_safetensors)
 from smoe.hf.formats import (_SMOE_KEY, EXPORT_FAMILIES, IMPORT_FAMILIES, HFFormat,
-                             _one_line, _key_context, hf_format_for, mla_refusal,
-                             model_config_from_hf, unknown_family)
+                             _key_context, hf_format_for)
+from smoe.hf.import_config import _one_line, mla_refusal, model_config_from_hf, unknown_family
 from smoe.hf.keymaps import from_hf, to_hf
 from smoe.hf.tokenizer import export_tokenizer, import_tokenizer
 
