@@ -151,6 +151,8 @@ def test_import_output_folder_problems(tmp_path, source, capsys):
     assert "is a file, so" in line
     line = one_line_error(capsys, ["import", str(tmp_path / "absent"), str(tmp_path / "run")])
     assert "does not exist" in line
+    line = one_line_error(capsys, ["import", str(tmp_path / "file"), str(tmp_path / "run")])
+    assert "is a file, not a Hugging Face model folder" in line
     assert (tmp_path / "file").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -237,6 +239,8 @@ def test_export_output_folder_problems(tmp_path, source, capsys):
         capsys, ["export", run, "--to", "hf", str(tmp_path / "file" / "x" / "out")])
     assert "does not exist" in one_line_error(
         capsys, ["export", str(tmp_path / "absent"), "--to", "hf", str(tmp_path / "out")])
+    assert "is a file, not an smoe run folder" in one_line_error(
+        capsys, ["export", str(tmp_path / "file"), "--to", "hf", str(tmp_path / "out")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
@@ -250,3 +254,28 @@ def test_read_safetensors_names_the_file(tmp_path, source):
         read_safetensors(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_safetensors(tmp_path / "absent.safetensors")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, source, capsys, monkeypatch):
+    """A write that fails half way (ENOSPC injected after the real file is written) is one
+    line, and the partial files are removed, for export and for import."""
+    import errno
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    import smoe.train.checkpoint as checkpoint  # import writes the run's checkpoint with it
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk, raising=False)
+    line = one_line_error(capsys, ["export", str(source / "run"), "--to", "hf",
+                                   str(tmp_path / "out")])
+    assert "failed (No space left on device): nothing was written" in line
+    line = one_line_error(capsys, ["import", str(source / "hf"), str(tmp_path / "run")])
+    assert "failed (No space left on device)" in line
+    assert list(tmp_path.iterdir()) == []

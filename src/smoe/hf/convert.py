@@ -37,7 +37,8 @@ import torch
 
 from smoe.config import ModelConfig
 from smoe.hf.files import (HFTensors, abandon_output, begin_output, check_output,
-                           finish_output, read_json, read_safetensors, write_safetensors)
+                           finish_output, read_json, read_safetensors, write_error,
+                           write_safetensors)
 from smoe.hf.formats import (_SMOE_KEY, EXPORT_FAMILIES, IMPORT_FAMILIES, HFFormat,
                              _key_context, hf_format_for)
 from smoe.hf.import_config import _one_line, mla_refusal, model_config_from_hf, unknown_family
@@ -120,6 +121,8 @@ def _load_smoe(source: Any) -> tuple[ModelConfig, dict[str, torch.Tensor], Path 
                              f"{type(source).__name__}")
         return config, dict(source.state_dict()), None, None
     run_dir = Path(source)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"RUN_DIR {str(run_dir)!r} is a file, not an smoe run folder")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR {str(run_dir)!r} does not exist")
     config, state, step, weights = _read_run(run_dir)
@@ -202,6 +205,11 @@ def export_hf(run_dir_or_model: str | Path | torch.nn.Module, out_dir: str | Pat
                                            if tok_kind else [])
         notes += _export_notes(config, fmt)
         finish_output(tmp, out_dir)
+    except OSError as e:  # disk full, no permission: one line, and nothing left behind
+        abandon_output(tmp, created)
+        if isinstance(e, (FileExistsError, FileNotFoundError)):
+            raise
+        raise write_error(out_dir, e) from None
     except BaseException:
         abandon_output(tmp, created)
         raise
@@ -243,6 +251,9 @@ def _export_notes(config: ModelConfig, fmt: HFFormat) -> list[str]:
 
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
     """config.json of an HF folder, checked for what import can use, with one-line errors."""
+    if hf_dir.exists() and not hf_dir.is_dir():
+        raise ValueError(f"HF_DIR {str(hf_dir)!r} is a file, not a Hugging Face model folder "
+                         "(config.json and safetensors)")
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"HF_DIR {str(hf_dir)!r} does not exist")
     cfg_path = hf_dir / "config.json"
@@ -352,6 +363,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
                                          "dtype": run_cfg["dtype"],
                                          "imported_from": imported_from})
         finish_output(tmp, out_dir)
+    except OSError as e:  # disk full, no permission: one line, and nothing left behind
+        abandon_output(tmp, created)
+        if isinstance(e, (FileExistsError, FileNotFoundError)):
+            raise
+        raise write_error(out_dir, e) from None
     except BaseException:
         abandon_output(tmp, created)
         raise

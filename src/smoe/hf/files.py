@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 __all__ = ["read_json", "read_safetensors", "open_safetensors", "check_output",
-           "begin_output", "finish_output", "abandon_output", "write_safetensors",
+           "begin_output", "finish_output", "abandon_output", "write_error", "write_safetensors",
            "HFTensors"]
 
 
@@ -181,12 +181,22 @@ def begin_output(out_dir: Path) -> tuple[Path, list[Path]]:
     parent folders created for it (removed by :func:`abandon_output`)."""
     check_output(out_dir)
     created = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        abandon_output(tmp, created)
+        raise write_error(out_dir, e) from None
     return tmp, created
+
+
+def write_error(out_dir: Path, e: OSError) -> ValueError:
+    """The one-line error of a write that failed (no permission, disk full, ...)."""
+    return ValueError(f"writing {str(out_dir)!r} failed ({e.strerror or e}): nothing was "
+                      "written; free space or choose a folder you can write to")
 
 
 def finish_output(tmp: Path, out_dir: Path) -> None:
