@@ -156,3 +156,16 @@ def test_deepseek_v3_moe_is_smoe_sigmoid_bias_exported_as_glm4_moe(tmp_path):
     idx = tokens()
     with torch.no_grad():
         assert (model(idx).logits - glm(idx).logits).abs().max().item() <= 1e-5
+
+
+def test_quantized_gpt_oss_is_refused_for_its_architecture_first(tmp_path):
+    """The released gpt-oss is MXFP4-quantized: the reason that matters (what smoe's model
+    lacks) comes first, since unquantized weights would not help."""
+    released_like_gpt_oss(tmp_path)
+    path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding_window=8") as info:
+        import_hf(tmp_path / "hf", tmp_path / "run")
+    assert "quantization_config" not in str(info.value)

@@ -267,12 +267,18 @@ def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
     family = raw.get("model_type")
     if family not in IMPORT_FAMILIES:
         raise ValueError(f"{str(cfg_path)!r}: {unknown_family(family)}")
+    return raw
+
+
+def _refuse_quantized(raw: Mapping[str, Any], hf_dir: Path) -> None:
+    """Checked after the architecture, so that a model smoe cannot express is not sent to
+    look for unquantized weights first."""
     quant = raw.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise ValueError(f"{str(cfg_path)!r}: quantization_config (quant_method={method!r}): "
-                         "quantized checkpoints cannot be imported; use the unquantized weights")
-    return raw
+        raise ValueError(f"{str(hf_dir / 'config.json')!r}: quantization_config (quant_method="
+                         f"{method!r}): quantized checkpoints cannot be imported; use the "
+                         "unquantized weights")
 
 
 def _checkpoint_dtype(raw: Mapping[str, Any], tensors: HFTensors) -> torch.dtype:
@@ -315,6 +321,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
         derived, flags = model_config_from_hf(hf_cfg)
     except ValueError as e:
         raise ValueError(f"{str(hf_dir)!r}: {e}") from None
+    _refuse_quantized(raw, hf_dir)
     tensors = HFTensors(hf_dir)
     notes: list[str] = []
     if target_dtype is None:
