@@ -49,8 +49,9 @@ def register_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new or empty folder")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"),
                    default="keep", help="the weights' dtype in the run (default keep: the "
-                                        "checkpoint's own, e.g. bfloat16; float32 to train "
-                                        "with full-precision weights)")
+                                        "checkpoint's own, e.g. bfloat16, recorded in the "
+                                        "run's config.json; smoe train --init-from loads "
+                                        "them into float32 either way)")
 
     def run(a: argparse.Namespace) -> int:
         from smoe.hf.convert import format_import, import_hf
