@@ -286,6 +286,11 @@ def test_import_keeps_the_checkpoint_dtype_unless_told(tmp_path, capsys):
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "cli")]) == 0
     assert "bfloat16" in capsys.readouterr().out
     assert load_run_weights(tmp_path / "cli")[key].dtype == torch.bfloat16
+    # without a dtype in config.json: the dtype holding most bytes (read from the headers)
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k not in ("dtype", "torch_dtype")}))
+    assert import_hf(tmp_path / "hf", tmp_path / "guessed").dtype == torch.bfloat16
 
 
 def test_fused_expert_layout_is_read_too(tmp_path):
