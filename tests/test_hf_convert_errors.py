@@ -204,9 +204,9 @@ def broken_run(tmp_path, source, breaks):
 
 EXPORT_CASES = {
     "truncated checkpoint": (lambda r: truncate(r / "checkpoint" / WEIGHTS),
-                             r"checkpoint/model\.safetensors' is truncated"),
+                             r"checkpoint' is damaged \(model\.safetensors is .*truncated"),
     "empty checkpoint": (lambda r: (r / "checkpoint" / WEIGHTS).write_bytes(b""),
-                         r"checkpoint/model\.safetensors' is empty"),
+                         r"checkpoint' is damaged \(model\.safetensors is empty"),
     "weights of another model": (lambda r: edit_tensors(r / "checkpoint" / WEIGHTS, lambda s: (
         s.pop("layers.0.attn.q_proj.weight"), s.update({"layers.9.x": torch.zeros(1)}),
         s.update({"norm.weight": torch.ones(7)}))),

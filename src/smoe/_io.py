@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json",
-           "fsync_dir", "fsync_file"]
+           "fsync_dir", "fsync_file", "open_safetensors", "read_safetensors"]
 
 
 def fsync_file(path: str | Path) -> None:
@@ -83,3 +83,39 @@ def read_json(path: str | Path, what: str) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno} "
                          f"column {e.colno}") from None
+
+
+def _safetensors_error(path: Path, e: BaseException) -> ValueError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    size = path.stat().st_size if path.is_file() else None
+    state = "empty" if size == 0 else "truncated or not a safetensors file"
+    return ValueError(f"{str(path)!r} is {state} ({reason}; {size} bytes): re-download or "
+                      "re-export it")
+
+
+def open_safetensors(path: str | Path):
+    """A lazy ``safetensors.safe_open`` handle on ``path`` (PyTorch tensors); ``ValueError``
+    naming the file if it is missing, empty, truncated or not safetensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError (not importable by name), OSError
+        raise _safetensors_error(path, e) from None
+
+
+def read_safetensors(path: str | Path, device: "torch.device | str" = "cpu"
+                     ) -> "dict[str, torch.Tensor]":
+    """Every tensor of a safetensors file, with the errors of :func:`open_safetensors` (and a
+    tensor that cannot be read named too). Never unpickles anything."""
+    handle = open_safetensors(path)
+    out = {}
+    for key in handle.keys():
+        try:
+            out[key] = handle.get_tensor(key).to(device)
+        except Exception as e:
+            raise ValueError(f"{str(path)!r}: tensor {key!r} cannot be read ({e})") from None
+    return out

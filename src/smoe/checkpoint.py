@@ -237,14 +237,15 @@ def read_state(folder: str | Path) -> dict[str, Any]:
 
 def load_model_weights(folder: str | Path, device: torch.device | str = "cpu"
                        ) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """The model's tensors; a damaged file is a one-line ValueError naming it."""
+    from smoe._io import read_safetensors
 
-    return load_file(str(Path(folder) / MODEL_FILE), device=str(device))
+    return read_safetensors(Path(folder) / MODEL_FILE, device)
 
 
 def load_optimizer_state(folder: str | Path, device: torch.device | str = "cpu"
                          ) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from smoe._io import read_safetensors
 
-    return load_file(str(Path(folder) / OPTIMIZER_FILE), device=str(device))
+    return read_safetensors(Path(folder) / OPTIMIZER_FILE, device)
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from smoe._io import read_json
-from smoe.checkpoint import checkpoint_dir, load_model_weights, read_state
+from smoe.checkpoint import checkpoint_dir, list_checkpoints, load_model_weights, read_state
 from smoe.config import ModelConfig
 
 __all__ = ["RUN_CONFIG", "RUN_FORMAT", "DTYPES", "LoadedRun", "read_run_config", "is_smoe_run",
@@ -81,6 +81,11 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path, dict[s
     run_cfg = read_run_config(run_dir)
     folder = checkpoint_dir(run_dir)
     if folder is None:
+        damaged = [(f, problem) for f, _, problem in list_checkpoints(run_dir) if problem]
+        if damaged:  # name the newest damaged one: what the user must restore or retrain
+            f, problem = damaged[0]
+            raise ValueError(f"{str(run_dir)!r} has no usable checkpoint: {str(f)!r} is damaged "
+                             f"({problem}); restore it or train again")
         raise FileNotFoundError(f"{str(run_dir)!r} has no usable checkpoint: train it first "
                                 "(smoe train ... --out RUN_DIR)")
     state = read_state(folder)

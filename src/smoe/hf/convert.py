@@ -97,9 +97,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int, Path]:
     """(model config, weights, step, weights file) of a run folder's latest checkpoint. The
-    only place this module reads smoe's run layout (``smoe.train``)."""
-    from smoe.train.checkpoint import MODEL_FILE
-    from smoe.train.run import latest_checkpoint
+    only place this module reads smoe's run layout (``smoe.runs``)."""
+    from smoe.checkpoint import MODEL_FILE
+    from smoe.runs import latest_checkpoint
 
     try:
         _, folder, state, config = latest_checkpoint(run_dir)
@@ -303,7 +303,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
     wrong with a file, ``FileNotFoundError`` for a missing folder or weights,
     ``FileExistsError`` if ``out_dir`` is not empty; nothing is written then.
     """
-    from smoe.train.checkpoint import save_checkpoint
+    from smoe.checkpoint import save_checkpoint
 
     target_dtype = _dtype(dtype)
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from smoe._io import open_safetensors, read_safetensors  # noqa: F401 (re-exported)
+
 __all__ = ["read_json", "read_safetensors", "open_safetensors", "check_output",
            "begin_output", "finish_output", "abandon_output", "write_error", "write_safetensors",
            "HFTensors"]
@@ -46,42 +48,6 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object: "
                          f"not a {what}")
     return data
-
-
-def _safetensors_error(path: Path, e: BaseException) -> ValueError:
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    size = path.stat().st_size if path.is_file() else None
-    state = "empty" if size == 0 else "truncated or not a safetensors file"
-    return ValueError(f"{str(path)!r} is {state} ({reason}; {size} bytes): re-download or "
-                      "re-export it")
-
-
-def open_safetensors(path: str | Path):
-    """A lazy ``safetensors.safe_open`` handle on ``path`` (PyTorch tensors); ``ValueError``
-    naming the file if it is missing, empty, truncated or not safetensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # SafetensorError (not importable by name), OSError
-        raise _safetensors_error(path, e) from None
-
-
-def read_safetensors(path: str | Path, device: torch.device | str = "cpu"
-                     ) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, with the errors of :func:`open_safetensors` (and a
-    tensor that cannot be read named too). Never unpickles anything."""
-    handle = open_safetensors(path)
-    out = {}
-    for key in handle.keys():
-        try:
-            out[key] = handle.get_tensor(key).to(device)
-        except Exception as e:
-            raise ValueError(f"{str(path)!r}: tensor {key!r} cannot be read ({e})") from None
-    return out
 
 
 class HFTensors:
