@@ -85,13 +85,14 @@ def _check_fresh_dir(run_dir: Path, replace: bool) -> None:
         step = _checkpoint_step(run_dir)
         at = f" (checkpoint at step {step})" if step is not None else ""
         raise FileExistsError(f"{str(run_dir)!r} is an existing smoe run{at}: pass --resume to "
-                              "continue it, or choose a new output folder")
+                              "continue it, --overwrite to replace it, or choose a new output "
+                              "folder")
     raise FileExistsError(f"{str(run_dir)!r} is not empty and is not an smoe run: nothing was "
                           "written; choose a new or empty output folder")
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    folder = checkpoint_dir(run_dir)
+    folder = checkpoint_dir(run_dir, warn=False)
     if folder is None:
         return None
     try:
@@ -214,7 +215,7 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
 
     _seed_all(train_cfg.seed)
     model = _build_model(model_cfg, device)
-    folder = checkpoint_dir(run_dir) if resume else None
+    folder = checkpoint_dir(run_dir, warn=False) if resume else None
     if folder is not None:
         init_weights = None  # the run's own checkpoint has the weights
     if init_weights is not None:
