@@ -43,6 +43,7 @@ def _private_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("SMOE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only contend on a busy machine
     yield
     torch.set_num_threads(threads)
     mp.undo()
