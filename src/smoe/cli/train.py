@@ -168,6 +168,9 @@ def _run(a: argparse.Namespace) -> int:
     from smoe.train.report import format_eval
 
     progress = not a.no_progress
+    # Before the loop takes over SIGTERM (data preparation can take a while), it ends the
+    # command like Ctrl-C: one line, nothing half-written (files are written atomically).
+    previous = _sigterm_as_interrupt()
     try:
         if a.resume:
             unused = sorted(set(moe_fields) | (set(model_fields) - {"preset"}))
@@ -203,11 +206,27 @@ def _run(a: argparse.Namespace) -> int:
         return 128 + exc.signum if exc.signum else 130
     except TypeError as exc:  # a config file's field of the wrong kind for a dataclass
         raise CLIError(str(exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if result.last_eval is not None:
         print(format_eval(result.last_eval))
     print(f"trained to step {result.step} in {result.elapsed_s:.1f} s; run folder "
           f"{result.run_dir}")
     return 0
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (the previous handler, or None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 REGISTER = (register_train,)
