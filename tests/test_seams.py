@@ -232,3 +232,15 @@ def test_core_imports_nothing_outside_the_core():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_model_output_release_keeps_losses_read_and_counts():
+    model = small_model(seed=8)
+    idx = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(8))
+    out = model(idx, targets_BT=idx)
+    total = out.total_loss.detach().clone()
+    counts = [i.tokens_per_expert.clone() for i in out.moe_infos]
+    out.release()
+    assert all(i.router_logits is None for i in out.moe_infos)
+    assert torch.equal(out.total_loss.detach(), total)
+    assert all(torch.equal(i.tokens_per_expert, c) for i, c in zip(out.moe_infos, counts))

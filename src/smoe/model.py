@@ -85,6 +85,13 @@ class ModelOutput:
     def z_loss(self) -> torch.Tensor:
         return self._sum("z_loss")
 
+    def release(self) -> ModelOutput:
+        """Drop every MoE layer's [T, E] router tensors (see :meth:`MoEInfo.release`) once
+        the losses that are needed have been read; for code that keeps outputs. Returns self."""
+        for info in self.moe_infos:
+            info.release()
+        return self
+
     @property
     def total_loss(self) -> torch.Tensor:
         """loss + aux_loss + z_loss: the training objective."""

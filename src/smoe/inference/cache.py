@@ -91,23 +91,22 @@ class _KVStore:
         self._plan_step(rows, positions_BT, [s + num_tokens - 1 for s in starts])
         return positions_BT
 
-    def _update(self, layer_idx: int, rows: Sequence[int], contiguous: slice | None,
+    def _update(self, layer_idx: int, rows: Sequence[int], where: slice | torch.Tensor,
                 positions_BT: torch.Tensor, k_BHTd: torch.Tensor,
                 v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         end, mask = self._plan_step(rows, positions_BT)
         cols_BT = positions_BT.masked_fill(positions_BT < 0, self.max_seq_len)  # pads: scratch
         k_store, v_store = self.k[layer_idx], self.v[layer_idx]
-        if contiguous is not None:  # rows a..b: views, no copy
-            k_rows, v_rows = k_store[contiguous], v_store[contiguous]
+        if isinstance(where, slice):  # rows a..b: views, no copy
+            k_rows, v_rows = k_store[where], v_store[where]
             col_BHTd = cols_BT[:, None, :, None].expand_as(k_BHTd)
             k_rows.scatter_(2, col_BHTd, k_BHTd)
             v_rows.scatter_(2, col_BHTd, v_BHTd)
             return k_rows[:, :, :end], v_rows[:, :, :end], mask
-        rows_B1 = torch.tensor(list(rows), device=k_store.device).unsqueeze(1)
+        rows_B = where
         # Advanced indices on dims 0 and 2 put (B, T) first: write (B, T, H, d).
-        k_store[rows_B1, :, cols_BT] = k_BHTd.transpose(1, 2)
-        v_store[rows_B1, :, cols_BT] = v_BHTd.transpose(1, 2)
-        rows_B = rows_B1.squeeze(1)
+        k_store[rows_B.unsqueeze(1), :, cols_BT] = k_BHTd.transpose(1, 2)
+        v_store[rows_B.unsqueeze(1), :, cols_BT] = v_BHTd.transpose(1, 2)
         # Gathering other rows copies their keys (about what attention reads anyway).
         return k_store[rows_B, :, :end], v_store[rows_B, :, :end], mask
 
@@ -225,8 +224,10 @@ class SlotBatch:
         self.batch_size = len(slots)
         self.max_seq_len = cache.max_seq_len
         first = slots[0]
-        consecutive = slots == list(range(first, first + len(slots)))
-        self._contiguous = slice(first, first + len(slots)) if consecutive else None
+        if slots == list(range(first, first + len(slots))):
+            self._where: slice | torch.Tensor = slice(first, first + len(slots))
+        else:
+            self._where = torch.tensor(slots, device=cache.k[0].device)
 
     def _check_batch(self, batch_size: int) -> None:
         if batch_size != self.batch_size:
@@ -241,5 +242,5 @@ class SlotBatch:
     def update(self, layer_idx: int, positions_BT: torch.Tensor, k_BHTd: torch.Tensor,
                v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self._check_batch(k_BHTd.shape[0])
-        return self.cache._update(layer_idx, self.slots, self._contiguous, positions_BT,
+        return self.cache._update(layer_idx, self.slots, self._where, positions_BT,
                                   k_BHTd, v_BHTd)
