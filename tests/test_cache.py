@@ -155,3 +155,17 @@ def test_decode_step_pays_nothing_for_losses():
         assert "aten.logsumexp" not in mode.ops
     assert counts[0] == counts[1]
     assert float(out.z_loss) > 0 and float(out.aux_loss) > 0
+
+
+@torch.no_grad()
+def test_rewinding_a_row_forgets_what_came_after():
+    """Writing at position p makes the row's length p + 1: later keys are stale and unseen."""
+    model = small_model(seed=6)
+    a, b = tokens(10, 60), tokens(4, 61)
+    cache = StaticCache.for_model(model, 1)
+    model(a[None], cache=cache)
+    model(b[None, :2], positions_BT=torch.tensor([[3, 4]]), cache=cache)  # rewrite 3, 4
+    assert cache.lengths == [5]
+    logits = model(b[None, 2:], cache=cache).logits                      # continues at 5
+    expected = model(torch.cat([a[:3], b])[None]).logits[:, -2:]
+    torch.testing.assert_close(logits, expected, **TOL)

@@ -75,7 +75,8 @@ class _KVStore:
             raise ValueError(f"position {end - 1} does not fit in the cache's max_seq_len="
                              f"{self.max_seq_len}: make a longer cache")
         for r, last in zip(rows, last_B):
-            self.lengths[r] = max(self.lengths[r], last + 1)
+            if last >= 0:  # a row's length is one past its last written position (a rewind
+                self.lengths[r] = last + 1  # forgets what came after); all-padding: unchanged
         T = positions_BT.shape[1]
         # One query per row at the end of every row: it sees all S columns, no mask needed.
         no_mask = T == 1 and all(last == end - 1 for last in last_B)
