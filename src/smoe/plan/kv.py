@@ -85,6 +85,13 @@ def kv_groups(r: Reader, fam: Family, *, n_layers: int, n_attn: int, hidden: int
     window = window if isinstance(window, int) and not isinstance(window, bool) else None
     chunk = r.get("attention_chunk_size", None)
     kinds = r.get("layer_types", None)
+    if isinstance(chunk, int) and (not isinstance(kinds, list) or len(kinds) != n_layers):
+        # Llama 4: RoPE layers attend within chunks, every no_rope_layer_interval-th is global
+        rope = r.get("no_rope_layers", None)
+        if not isinstance(rope, list) or len(rope) != n_layers:
+            every = r.int("no_rope_layer_interval", 4, minimum=1)
+            rope = [int((i + 1) % every != 0) for i in range(n_layers)]
+        kinds = ["chunked_attention" if x else "full_attention" for x in rope]
     if not isinstance(kinds, list) or len(kinds) != n_layers:
         if window and fam.sliding_all:  # Mistral-style: every layer slides
             return [KVGroup("sliding", n_layers, per_gqa, window)]

@@ -213,18 +213,26 @@ def plan_from_config(config: Mapping[str, Any], *, source: str = "config") -> Pl
 
 
 def plan_from_path(path: str | Path) -> PlanResult:
-    """:func:`plan_from_config` on a ``config.json`` file, or on a folder holding one.
+    """:func:`plan_from_config` on a ``config.json`` file, a folder holding one (a HF model or a
+    smoe run), or a catalog name (:func:`smoe.plan.models.catalog_names`, e.g. ``mixtral-8x7b``).
 
-    Raises ``FileNotFoundError`` for a missing file or a folder without ``config.json`` and
-    ``ValueError`` for unreadable or invalid JSON (both name the path).
+    Raises ``FileNotFoundError`` for a missing file that is no catalog name or a folder without
+    ``config.json``, and ``ValueError`` for unreadable or invalid JSON (both name the path).
     """
+    from smoe.plan.models import CATALOG_DIR, catalog_names, load_named
+
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"{path}: folder has no config.json")
     elif not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        named = load_named(str(path)) if "/" not in str(path) else None
+        if named is None:
+            raise FileNotFoundError(f"{path}: no such file or folder, and not a catalog name "
+                                    f"({', '.join(catalog_names())})")
+        source = f"{path} (catalog: {named.get('_source_url', CATALOG_DIR)})"
+        return plan_from_config(named, source=source)
     try:
         config = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -232,8 +240,6 @@ def plan_from_path(path: str | Path) -> PlanResult:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: cannot read: {exc}") from None
     return plan_from_config(config, source=str(p))
-
-
 
 
 def _short(n: float) -> str:
