@@ -8,26 +8,6 @@ import argparse
 __all__ = ["register_plan"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def register_plan(sub: argparse._SubParsersAction) -> None:
     schemes = "fp32, bf16, fp16, fp8, int8, int4"
     p = sub.add_parser(
@@ -43,13 +23,13 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     hw.add_argument("--gpu", default=None,
                     help="a100-40gb, a100-80gb, h100-80gb, h200, b200, l40s, rtx-4090, mi300x, "
                          "or cpu (measures this machine's memory bandwidth); default h100-80gb")
-    hw.add_argument("--count", type=_positive_int, default=1, help="number of GPUs (default 1)")
-    hw.add_argument("--gpu-memory", type=_positive_float, metavar="GB",
+    hw.add_argument("--count", type=int, default=1, help="number of GPUs (default 1)")
+    hw.add_argument("--gpu-memory", type=float, metavar="GB",
                     help="memory per GPU in GB (overrides the catalog)")
-    hw.add_argument("--gpu-bandwidth", type=_positive_float, metavar="GB/s",
+    hw.add_argument("--gpu-bandwidth", type=float, metavar="GB/s",
                     help="memory bandwidth per GPU in GB/s (overrides; with --gpu cpu skips the "
                          "measurement)")
-    hw.add_argument("--gpu-flops", type=_positive_float, metavar="TFLOP/s",
+    hw.add_argument("--gpu-flops", type=float, metavar="TFLOP/s",
                     help="peak bf16 TFLOP/s per GPU (overrides the catalog)")
     w = p.add_argument_group("weights and cache")
     w.add_argument("--weights", default="bf16", help=f"scheme of all weights ({schemes}); "
@@ -57,24 +37,24 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--experts", default=None, help="scheme of the routed experts (default: "
                                                    "--weights)")
     w.add_argument("--attention", default=None, help="scheme of attention (default: --weights)")
-    w.add_argument("--context", type=_positive_int, default=4096,
+    w.add_argument("--context", type=int, default=4096,
                    help="tokens per sequence (default 4096)")
-    w.add_argument("--batch", type=_positive_int, default=1, help="sequences (default 1)")
+    w.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     w.add_argument("--kv-dtype", default=None,
                    help="KV-cache dtype: fp32, bf16, fp16, fp8, int8, int4 (default bf16; fp32 "
                         "with --weights fp32)")
-    w.add_argument("--host-bandwidth", type=_positive_float, metavar="GB/s", default=100.0,
+    w.add_argument("--host-bandwidth", type=float, metavar="GB/s", default=100.0,
                    help="host memory bandwidth for offloaded experts computed on the CPU "
                         "(default 100)")
-    w.add_argument("--link-bandwidth", type=_positive_float, metavar="GB/s", default=25.0,
+    w.add_argument("--link-bandwidth", type=float, metavar="GB/s", default=25.0,
                    help="host-to-GPU bandwidth for moving offloaded experts (default 25, PCIe "
                         "4.0 x16)")
     ep = p.add_argument_group("expert parallelism")
-    ep.add_argument("--ep", type=_positive_int, default=None, metavar="D",
+    ep.add_argument("--ep", type=int, default=None, metavar="D",
                     help="print the all-to-all bytes and time per MoE layer at EP degree D")
-    ep.add_argument("--nodes-of", type=_positive_int, default=None, metavar="G",
+    ep.add_argument("--nodes-of", type=int, default=None, metavar="G",
                     help="GPUs per node: NVLink inside a node, the network across")
-    ep.add_argument("--tokens", type=_positive_int, default=None,
+    ep.add_argument("--tokens", type=int, default=None,
                     help="tokens per rank per step for --ep (default --batch)")
     ep.add_argument("--comm-dtype", default="bf16", help="dispatch dtype: bf16 or fp8 (default "
                                                           "bf16; combine is bf16)")

@@ -101,28 +101,38 @@ def _mem_total() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def measure_cpu(nbytes: int = 1 << 30, repeats: int = 5) -> Hardware:
+def measure_cpu(nbytes: int = 512 << 20, repeats: int = 5, *, measure_bandwidth: bool = True,
+                measure_flops: bool = True) -> Hardware:
     """This machine as the "accelerator": RAM size, the read bandwidth of a timed ``sum`` over a
     ``nbytes`` float32 tensor (well beyond any last-level cache; best of ``repeats``) and the
-    float32 FLOP/s of a 2048^3 matmul. Needs torch (imported here only)."""
+    float32 FLOP/s of a 2048^3 matmul (best of 3). A figure not measured is left at 0 for the
+    caller to fill. Needs torch (imported here only)."""
     import torch
 
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    del x
-    a = torch.randn(2048, 2048)
-    a @ a
-    t, n = time.perf_counter(), 3
-    for _ in range(n):
+    bandwidth = flops = 0.0
+    if measure_bandwidth:
+        x = torch.ones(nbytes // 4, dtype=torch.float32)
+        x.sum()  # fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        del x
+        bandwidth = nbytes / best
+    if measure_flops:
+        a = torch.randn(2048, 2048)
         a @ a
-    flops = n * 2 * 2048**3 / (time.perf_counter() - t)
-    return Hardware("cpu", _mem_total(), nbytes / best, flops,
-                    source=f"measured: sum over {nbytes >> 20} MiB float32, "
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t)
+        flops = 2 * 2048**3 / best
+    what = [f"sum over {nbytes >> 20} MiB float32"] if measure_bandwidth else []
+    what += ["2048^3 float32 matmul"] if measure_flops else []
+    return Hardware("cpu", _mem_total(), bandwidth, flops,
+                    source=f"measured: {', '.join(what) or 'memory size'}, "
                            f"{torch.get_num_threads()} threads")
 
 

@@ -23,13 +23,10 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
         return custom(None, a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
     name = name or DEFAULT_GPU
     if name.lower() == "cpu":
-        if a.gpu_bandwidth is not None:
-            from smoe.plan.gpus import _mem_total
-
-            base = Hardware("cpu", _mem_total(), a.gpu_bandwidth * 1e9,
-                            (a.gpu_flops or 1.0) * 1e12, source="given bandwidth")
-            return custom(base, a.gpu_memory, None, None)
-        return custom(measure_cpu(), a.gpu_memory, None, a.gpu_flops)
+        custom(Hardware("cpu", 1, 1, 1), a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
+        measured = measure_cpu(measure_bandwidth=a.gpu_bandwidth is None,
+                               measure_flops=a.gpu_flops is None)
+        return custom(measured, a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
     return custom(gpu(name), a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
 
 
@@ -53,16 +50,28 @@ def comm_table(plan: PlanResult, ep: int, *, tokens: int, nodes_of: int | None,
 
 
 def plan_args(plan: PlanResult, hw: Hardware, a: argparse.Namespace) -> dict[str, Any]:
+    """Every figure of the hardware half (:func:`hardware_plan`, and :func:`comm_table` with
+    ``--ep``) from the parsed flags; bad values raise a one-line ``ValueError``."""
+    for flag in ("host_bandwidth", "link_bandwidth"):
+        if not getattr(a, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
+    for flag in ("ep", "nodes_of", "tokens"):
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
     weights = a.weights
     kv = a.kv_dtype or ("fp32" if weights == "fp32" else "bf16")
     host = Hardware("host", 0, a.host_bandwidth * 1e9, 1e12) if hw.name != "cpu" else hw
     out = hardware_plan(plan, hw, count=a.count,
                         schemes=Schemes(weights, a.experts, a.attention), context=a.context,
                         batch=a.batch, kv_dtype=kv, host=host,
-                        link_bandwidth=a.link_bandwidth * 1e9)
+                        link_bandwidth=a.link_bandwidth * 1e9, compare_offload=hw.name != "cpu")
     if a.ep is not None:
-        out["comm"] = comm_table(plan, a.ep, tokens=a.tokens or a.batch, nodes_of=a.nodes_of,
-                                 dispatch_dtype=a.comm_dtype)
+        try:
+            out["comm"] = comm_table(plan, a.ep, tokens=a.tokens or a.batch,
+                                     nodes_of=a.nodes_of, dispatch_dtype=a.comm_dtype)
+        except ValueError as exc:
+            raise ValueError(f"--ep {a.ep}: {exc}") from None
     return out
 
 

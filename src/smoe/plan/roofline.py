@@ -91,12 +91,12 @@ def _attention_flops(plan: PlanResult, context: int) -> float:
 def hardware_plan(plan: PlanResult, hw: Hardware, *, count: int = 1, schemes: Schemes = Schemes(),
                   context: int = 4096, batch: int = 1, kv_dtype: str = "bf16",
                   reserve: float = 0.1, host: Hardware | None = None,
-                  link_bandwidth: float = 25e9) -> dict[str, Any]:
+                  link_bandwidth: float = 25e9, compare_offload: bool = True) -> dict[str, Any]:
     """Every figure of the hardware half of ``smoe plan`` as a dict (see the module docstring).
 
     ``host``: the machine holding offloaded experts (memory bandwidth and FLOP/s for computing
     them there); ``link_bandwidth``: bytes/s from host to accelerator (PCIe 4.0 x16 ~ 25 GB/s
-    usable).
+    usable). ``compare_offload=False`` when the device is the host itself (``--gpu cpu``).
     """
     for name, v in (("--count", count), ("--context", context), ("--batch", batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -160,7 +160,7 @@ def hardware_plan(plan: PlanResult, hw: Hardware, *, count: int = 1, schemes: Sc
         "experts_touched_per_layer": touched,
         "prefill_flops": prefill_flops, "prefill_seconds": prefill_flops / peak,
     }
-    if offloaded:
+    if offloaded and compare_offload:
         out["offload"].update(_offload_compare(plan, offloaded, per_expert, batch, hw, count,
                                                step_s, host, link_bandwidth))
     return out
