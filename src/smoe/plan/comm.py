@@ -34,8 +34,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["CommConfig", "CommResult", "a2a_bytes_from_routing", "comm_per_layer",
-           "rank_hit_probability"]
+__all__ = ["DEEPEP_LOW_LATENCY", "CommConfig", "CommResult", "a2a_bytes_from_routing",
+           "comm_per_layer", "deepep_config", "rank_hit_probability"]
 
 _DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
 
@@ -177,3 +177,22 @@ def a2a_bytes_from_routing(experts_TK, rank_of_expert, src_rank: int, hidden: in
         for e in row:
             rows += rank_of_expert[int(e)] != src_rank
     return rows, int(rows * hidden * dtype_bytes)
+
+
+#: DeepEP's published H800 figures (github.com/deepseek-ai/DeepEP README): low-latency kernels,
+#: 128 tokens per rank, hidden 7168, top-8 of 256 experts, FP8 dispatch, BF16 combine; EP degree
+#: -> (dispatch us, combine us). Normal kernels: 4096 tokens, bottleneck bandwidth GB/s.
+DEEPEP_LOW_LATENCY = {8: (77, 114), 16: (118, 195), 32: (155, 273), 64: (173, 314),
+                      128: (192, 369), 256: (194, 360)}
+DEEPEP_NORMAL_NVLINK_GBS = (153, 158)      # intranode, EP 8, dispatch / combine
+DEEPEP_NORMAL_RDMA_GBS = (43, 58)          # internode, EP 16-64, lowest / highest
+#: The links DeepEP states for that machine: NVLink ~160 GB/s achievable, CX7 400 Gb/s RDMA
+#: (50 GB/s) per GPU; and the one fitted constant, the per-kernel fixed cost.
+DEEPEP_INTRA_BW, DEEPEP_INTER_BW, DEEPEP_LATENCY = 160e9, 50e9, 40e-6
+
+
+def deepep_config(ep: int, mode: str = "per_expert") -> CommConfig:
+    """DeepSeek-V3's MoE layer on DeepEP's H800 cluster (nodes of 8) at EP degree ``ep``."""
+    return CommConfig(7168, 8, 256, ep, dispatch_dtype="fp8", combine_dtype="bf16",
+                      nodes_of=8, intra_bw=DEEPEP_INTRA_BW, inter_bw=DEEPEP_INTER_BW,
+                      latency=DEEPEP_LATENCY, mode=mode)
