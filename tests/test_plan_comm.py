@@ -124,3 +124,19 @@ def test_cli_ep(capsys):
     assert main(["plan", "mixtral-8x7b", "--ep", "8"]) == 0
     assert "expert parallel EP 8" in capsys.readouterr().out
     assert math.isfinite(c["seconds"])
+
+
+def test_extrapolation_tables(capsys):
+    from smoe.plan.extrapolate import compute_seconds, crossover_tokens, main as extrapolate
+    from smoe.plan import plan_from_path
+
+    assert extrapolate(["--ep", "8", "64", "--tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "| mixtral-8x7b | 64 |" in out and "| deepseek-v3 | 8 |" in out and "DeepEP" in out
+    v3 = plan_from_path("deepseek-v3")
+    # large batches are FLOP bound: 2 x 44.0M params x K=8 x 4096 tokens at 989 TFLOP/s
+    per_expert = 3 * 7168 * 2048
+    assert compute_seconds(v3, 64, 4096) == pytest.approx(2 * per_expert * 8 * 4096 / 989e12)
+    # across nodes at 50 GB/s DeepSeek-V3's all-to-all outlasts its experts from small batches
+    lo, hi = crossover_tokens(v3, 64)
+    assert lo is not None and lo <= 64 and hi == 65536

@@ -34,10 +34,14 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["DEEPEP_LOW_LATENCY", "CommConfig", "CommResult", "a2a_bytes_from_routing",
+__all__ = ["DEEPEP_LOW_LATENCY", "KERNEL_LATENCY", "CommConfig", "CommResult", "a2a_bytes_from_routing",
            "comm_per_layer", "deepep_config", "rank_hit_probability"]
 
 _DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+#: Fixed cost of one dispatch or combine kernel (launch, barrier, first message): the one
+#: constant fitted to DeepEP's low-latency H800 table (EP 16 dispatch: 118 us measured, 76 us of
+#: it RDMA transfer at 50 GB/s). The default latency of :class:`CommConfig`.
+KERNEL_LATENCY = 40e-6
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class CommConfig:
     local_fraction: measured share of (token, expert) pairs served on the token's own rank
     (``None``: the uniform value). mode: ``per_expert`` or ``per_rank`` (module docstring).
     nodes_of: GPUs per node (``None``: one node). intra_bw / inter_bw: bytes/s per GPU and
-    direction; latency: seconds per phase.
+    direction; latency: seconds per phase (default :data:`KERNEL_LATENCY`).
     """
 
     hidden: int
@@ -66,7 +70,7 @@ class CommConfig:
     nodes_of: int | None = None
     intra_bw: float = 450e9
     inter_bw: float = 50e9
-    latency: float = 10e-6
+    latency: float = 40e-6
 
     def __post_init__(self) -> None:
         for name in ("hidden", "top_k", "num_experts", "ep"):
@@ -188,7 +192,7 @@ DEEPEP_NORMAL_NVLINK_GBS = (153, 158)      # intranode, EP 8, dispatch / combine
 DEEPEP_NORMAL_RDMA_GBS = (43, 58)          # internode, EP 16-64, lowest / highest
 #: The links DeepEP states for that machine: NVLink ~160 GB/s achievable, CX7 400 Gb/s RDMA
 #: (50 GB/s) per GPU; and the one fitted constant, the per-kernel fixed cost.
-DEEPEP_INTRA_BW, DEEPEP_INTER_BW, DEEPEP_LATENCY = 160e9, 50e9, 40e-6
+DEEPEP_INTRA_BW, DEEPEP_INTER_BW, DEEPEP_LATENCY = 160e9, 50e9, KERNEL_LATENCY
 
 
 def deepep_config(ep: int, mode: str = "per_expert") -> CommConfig:

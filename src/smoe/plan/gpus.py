@@ -59,12 +59,11 @@ def gpu(name: str) -> Hardware:
 
 @dataclass(frozen=True)
 class Link:
-    """A link between devices: ``bandwidth`` bytes/s per GPU and direction, ``latency`` s per
-    message (the fixed cost of one all-to-all round)."""
+    """A link between devices: ``bandwidth`` bytes/s per GPU and direction. (The fixed cost of
+    an all-to-all is the kernel's, not the link's: :data:`smoe.plan.comm.KERNEL_LATENCY`.)"""
 
     name: str
     bandwidth: float
-    latency: float
     note: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,14 +72,14 @@ class Link:
 
 #: Unidirectional per-GPU bandwidth. NVLink figures are half the marketed bidirectional ones.
 LINKS: dict[str, Link] = {k.name: k for k in (
-    Link("nvlink4", 450 * G, 3e-6, "H100/H200 NVLink 4: 900 GB/s bidirectional per GPU"),
-    Link("nvlink3", 300 * G, 3e-6, "A100 NVLink 3: 600 GB/s bidirectional per GPU"),
-    Link("nvlink-h800", 200 * G, 3e-6, "H800 NVLink: 400 GB/s bidirectional per GPU"),
-    Link("nvlink5", 900 * G, 3e-6, "B200 NVLink 5: 1.8 TB/s bidirectional per GPU"),
-    Link("ib-400g", 50 * G, 5e-6, "InfiniBand NDR / RoCE 400 Gb/s, one NIC per GPU"),
-    Link("roce-400g", 50 * G, 8e-6, "RoCE 400 Gb/s, one NIC per GPU"),
-    Link("pcie4-x16", 32 * G, 10e-6, "PCIe 4.0 x16: 32 GB/s per direction (about 25 usable)"),
-    Link("pcie5-x16", 64 * G, 10e-6, "PCIe 5.0 x16: 64 GB/s per direction"),
+    Link("nvlink4", 450 * G, "H100/H200 NVLink 4: 900 GB/s bidirectional per GPU"),
+    Link("nvlink3", 300 * G, "A100 NVLink 3: 600 GB/s bidirectional per GPU"),
+    Link("nvlink-h800", 200 * G, "H800 NVLink: 400 GB/s bidirectional per GPU"),
+    Link("nvlink5", 900 * G, "B200 NVLink 5: 1.8 TB/s bidirectional per GPU"),
+    Link("ib-400g", 50 * G, "InfiniBand NDR / RoCE 400 Gb/s, one NIC per GPU"),
+    Link("roce-400g", 50 * G, "RoCE 400 Gb/s, one NIC per GPU"),
+    Link("pcie4-x16", 32 * G, "PCIe 4.0 x16: 32 GB/s per direction (about 25 usable)"),
+    Link("pcie5-x16", 64 * G, "PCIe 5.0 x16: 64 GB/s per direction"),
 )}
 
 

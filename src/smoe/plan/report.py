@@ -40,8 +40,7 @@ def comm_table(plan: PlanResult, ep: int, *, tokens: int, nodes_of: int | None,
         raise ValueError("--ep: the model has no MoE layers")
     c = CommConfig(plan.hidden_size, plan.top_k, plan.num_experts, ep,
                    dispatch_dtype=dispatch_dtype, nodes_of=nodes_of,
-                   intra_bw=LINKS[intra].bandwidth, inter_bw=LINKS[inter].bandwidth,
-                   latency=max(LINKS[intra].latency, LINKS[inter].latency))
+                   intra_bw=LINKS[intra].bandwidth, inter_bw=LINKS[inter].bandwidth)
     r = comm_per_layer(c, tokens)
     return {"ep": ep, "nodes_of": nodes_of, "intra_link": LINKS[intra].to_dict(),
             "inter_link": LINKS[inter].to_dict(), "dispatch_dtype": dispatch_dtype,
