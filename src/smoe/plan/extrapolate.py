@@ -16,7 +16,7 @@ from smoe.plan.gpus import LINKS, gpu
 from smoe.plan.result import PlanResult, plan_from_path
 from smoe.plan.roofline import expected_experts_touched
 
-__all__ = ["compute_seconds", "crossover_tokens", "main"]
+__all__ = ["catalog_table", "compute_seconds", "crossover_tokens", "main"]
 
 TOKENS = tuple(2**i for i in range(17))  # tokens per rank per step scanned for the crossover
 
@@ -97,12 +97,41 @@ def _deepep_table() -> list[str]:
     return rows
 
 
+def catalog_table(context: int = 8192) -> list[str]:
+    """Every catalog model: sizes, KV cache, H100s needed and the decode roofline on them."""
+    from smoe.plan.models import catalog_names
+    from smoe.plan.roofline import Schemes, hardware_plan
+
+    h100 = gpu("h100-80gb")
+    rows = [f"| model | total | active | bf16 GB | int4 GB | KV KB/token (bf16) | KV GB at "
+            f"{context} | H100s bf16 | decode tok/s bf16 on them | H100s int4 | decode tok/s "
+            "int4 on them |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in catalog_names():
+        plan = plan_from_path(name)
+        cells = []
+        for scheme in ("bf16", "int4"):
+            n = hardware_plan(plan, h100, schemes=Schemes(scheme), context=context)["gpus_needed"]
+            d = hardware_plan(plan, h100, count=n, schemes=Schemes(scheme), context=context)
+            cells += [str(n), f"{d['decode_tokens_per_s']:.0f}"]
+        d = hardware_plan(plan, h100, context=context)
+        rows.append(f"| {name} | {plan.total_params / 1e9:.1f}B | {plan.active_params / 1e9:.1f}B "
+                    f"| {plan.weight_bytes['bf16'] / 1e9:.0f} | {plan.weight_bytes['int4'] / 1e9:.0f}"
+                    f" | {d['kv_bytes_per_token'] / 1e3:.1f} | {d['kv_bytes'] / 1e9:.2f} | "
+                    + " | ".join(cells) + " |")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smoe.plan.extrapolate", description=__doc__)
     p.add_argument("--models", nargs="+", default=["mixtral-8x7b", "deepseek-v3"])
     p.add_argument("--ep", nargs="+", type=int, default=[8, 64, 256, 1024])
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank per step")
+    p.add_argument("--catalog", action="store_true",
+                   help="print the catalog models' memory and decode table instead")
     a = p.parse_args(argv)
+    if a.catalog:
+        print("\n".join(catalog_table()))
+        return 0
     h100 = gpu("h100-80gb")
     lines = [f"Per MoE layer, {a.tokens} tokens per rank per step, bf16 dispatch and combine, "
              "dropless, uniform routing.", ""]
