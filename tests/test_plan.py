@@ -95,6 +95,8 @@ CASES: dict[str, tuple[str, dict]] = {
                                           mamba_proj_bias=True, mamba_conv_bias=False,
                                           mamba_dt_rank=5, mamba_d_state=8, mamba_expand=3,
                                           attn_layer_period=3, attn_layer_offset=2, **E4K2)),
+    "hunyuan_v1_moe-shared-qk_norm": ("hunyuan_v1_moe", dict(TINY, num_experts=4, moe_topk=2,
+                                                             head_dim=8, rope_theta=1e4)),
     "llama-dense-bias": ("llama", dict(TINY, attention_bias=True, mlp_bias=True)),
     "mistral-dense": ("mistral", dict(TINY, head_dim=12)),
     "qwen3-dense-qk_norm": ("qwen3", dict(TINY, head_dim=12, tie_word_embeddings=True)),

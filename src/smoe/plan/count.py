@@ -147,6 +147,11 @@ def _auto(r: Reader, n_layers: int) -> list[bool]:
     types = r.get("mlp_layer_types", None)
     if isinstance(types, list) and len(types) == n_layers:
         return [t != "dense" for t in types]
+    if r.get("moe_layer_start_index", None) is not None:  # ERNIE 4.5
+        start, interval = r.int("moe_layer_start_index"), r.int("moe_layer_interval", 1, minimum=1)
+        end = r.int("moe_layer_end_index", n_layers - 1, minimum=-1)
+        end = n_layers - 1 if end < 0 else end
+        return [start <= i <= end and (i + 1) % interval == 0 for i in range(n_layers)]
     first = r.int(("first_k_dense_replace", "num_dense_layers"), 0)
     step = r.int("decoder_sparse_step", 1, minimum=1)
     dense = set(r.get("mlp_only_layers", []) or [])
@@ -256,9 +261,10 @@ def add_moe(led: Ledger, r: Reader, fam: Family, n: int, hidden: int, n_exp: int
                 led.matrix("router", 1, hidden, n, linear=False)
         return r.int("n_shared_experts", 1 if width else 0)
     if fam.shared == "auto":
-        count = r.int(("n_shared_experts", "num_shared_experts"), 0)
+        count = r.int(("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), 0)
         width = count * inter or r.int(("shared_expert_intermediate_size",
-                                        "shared_intermediate_size"), 0)
+                                        "shared_intermediate_size", "share_expert_dim",
+                                        "moe_shared_expert_intermediate_size"), 0)
         if width:
             add_gated_mlp(led, "shared_experts", hidden, width, n, False)
         return count or int(width > 0)

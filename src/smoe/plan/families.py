@@ -112,9 +112,10 @@ FAMILIES.update(EXTRA_FAMILIES)
 #: default config (see ``GENERIC_MAX_ERROR``) and the result carries a note saying it is an
 #: estimate.
 GENERIC = Family(
-    expert_ffn=("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"),
+    expert_ffn=("moe_intermediate_size", "expert_intermediate_size", "expert_ffn_hidden_size",
+                "intermediate_size"),
     num_experts=("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
-    top_k=("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_top_k"),
+    top_k=("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_top_k", "moe_k"),
     attention="auto", moe_layers="auto", shared="auto", exact=False)
 #: Largest relative error of the generic row's total against transformers on the default configs
 #: of the families it reads (held by tests/test_plan_families.py). Measured with transformers

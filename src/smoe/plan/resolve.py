@@ -52,7 +52,8 @@ def hf_families() -> tuple[str, ...]:
 
 def known_model_types() -> tuple[str, ...]:
     """Every ``model_type`` the planner reads (own rows, aliases, smoe.hf's families, Switch)."""
-    return tuple(sorted({*FAMILIES, *ALIASES, *hf_families(), "switch_transformers"}))
+    return tuple(sorted({*FAMILIES, *ALIASES, *hf_families(), "switch_transformers",
+                         "nemotron_h"}))
 
 
 def _norm(name: str) -> str:
@@ -146,8 +147,8 @@ def resolve(cfg: Mapping[str, Any], source: str) -> tuple[str, Family, list[str]
             notes.append(f"no model_type or architectures: resolved {model_type!r} from the "
                          "config's keys")
     model_type = ALIASES.get(model_type, model_type)
-    if model_type == "switch_transformers":
-        return model_type, FAMILIES["mixtral"], notes  # counted by smoe.plan.t5
+    if model_type in ("switch_transformers", "nemotron_h"):
+        return model_type, FAMILIES["mixtral"], notes  # counted by smoe.plan.t5 / .hybrid
     fam = family_for(model_type, hf_families())
     if fam is None:
         raise ValueError(f"{source}: model_type {model_type!r} is not a supported family; "

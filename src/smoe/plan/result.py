@@ -126,10 +126,14 @@ def plan_from_config(config: Mapping[str, Any], *, source: str = "config") -> Pl
         from smoe.plan.t5 import plan_switch
 
         return plan_switch(cfg, source, notes)
+    if model_type == "nemotron_h":
+        from smoe.plan.hybrid import plan_nemotron_h
+
+        return plan_nemotron_h(cfg, source, notes)
     r = Reader(cfg, model_type, fam, source)
 
     hidden = r.int(("hidden_size", "d_model"), minimum=1)
-    n_layers = r.int(("num_hidden_layers", "n_layers"), minimum=1)
+    n_layers = r.int(("num_hidden_layers", "n_layers", "num_layers"), minimum=1)
     heads = r.int(fam.heads, minimum=1)
     vocab = r.int("vocab_size", minimum=1)
     kv_heads = r.int(fam.kv_heads, heads, minimum=1)
