@@ -1,4 +1,5 @@
-"""Parameter counts and weight memory of a Hugging Face MoE model from its ``config.json`` alone.
+"""What a MoE model needs, from its ``config.json`` alone: parameter counts, weight memory, KV
+cache, fit, decode/prefill rooflines and expert-parallel communication (``smoe plan``).
 
 Pure arithmetic on the JSON (read with :mod:`json`; transformers is not needed). Each supported
 ``model_type`` is described by a :class:`Family` row in :data:`FAMILIES` -- which config keys hold
@@ -10,7 +11,8 @@ Families: every ``model_type`` :mod:`smoe.hf` patches (:func:`hf_families`, the 
 of the library). Counted exactly (own rows, held equal to transformers by the tests): mixtral,
 qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss, phimoe, granitemoe, dbrx (nested
 ``attn_config``/``ffn_config``), llama4 / llama4_text (the text model in ``text_config``), jamba
-(Mamba + attention hybrid), switch_transformers (encoder-decoder, :mod:`smoe.plan.t5`), and the
+(Mamba + attention hybrid), hunyuan_v1_moe, nemotron_h (Mamba-2/attention/MoE blocks,
+:mod:`smoe.plan.hybrid`), switch_transformers (encoder-decoder, :mod:`smoe.plan.t5`), and the
 dense llama / mistral / qwen3 for comparison. The other families smoe.hf patches go through a
 generic row (an estimate; its measured error is in :mod:`smoe.plan.families`). Also read: Grok-1
 (no transformers class), native smoe run folders, and configs without ``model_type`` (by
@@ -21,9 +23,14 @@ generic row (an estimate; its measured error is in :mod:`smoe.plan.families`). A
 Beyond counting: :mod:`smoe.plan.kv` (KV cache per attention type), :mod:`smoe.plan.gpus`
 (accelerators, links, the measured CPU), :mod:`smoe.plan.roofline` (fit, offload split, decode
 and prefill rooflines, CPU-vs-transfer for offloaded experts), :mod:`smoe.plan.comm` (the
-expert-parallel all-to-all model). Sizes (hidden size, layers, heads, vocab, FFN widths, experts, top-k,
-MLA ranks) are required; optional switches (biases, ``head_dim``, ``num_key_value_heads``,
-``decoder_sparse_step``, ``first_k_dense_replace``, ...) take transformers' defaults when absent.
+expert-parallel all-to-all model).
+
+Sizes (hidden size, layers, heads, vocab, FFN widths, experts, top-k, MLA ranks) are required;
+optional switches (biases, ``head_dim``, ``num_key_value_heads``, ``decoder_sparse_step``,
+``first_k_dense_replace``, ...) take transformers' defaults when absent. Shapes no model can have
+(heads that do not divide the width without ``head_dim``, key/value heads above or not dividing
+the query heads, no experts, top-k above the experts, negative or non-integer sizes) are refused
+with the field named.
 
 Conventions
 -----------

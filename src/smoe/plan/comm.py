@@ -34,8 +34,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["DEEPEP_LOW_LATENCY", "KERNEL_LATENCY", "CommConfig", "CommResult", "a2a_bytes_from_routing",
-           "comm_per_layer", "deepep_config", "rank_hit_probability"]
+__all__ = ["DEEPEP_LOW_LATENCY", "KERNEL_LATENCY", "CommConfig", "CommResult",
+           "a2a_bytes_from_routing", "comm_per_layer", "deepep_config", "rank_hit_probability"]
 
 _DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
 #: Fixed cost of one dispatch or combine kernel (launch, barrier, first message): the one

@@ -240,7 +240,8 @@ def add_moe(led: Ledger, r: Reader, fam: Family, n: int, hidden: int, n_exp: int
     gated = r.flag(fam.gated)
     led.matrix("router", n_exp, hidden, n, bias=r.flag(fam.router_bias), linear=False)
     for rows, cols in (((2 if gated else 1) * inter, hidden), (hidden, inter)):  # gate+up, down
-        led.matrix("routed_experts", rows, cols, n * n_exp, bias=r.flag(fam.expert_bias), active=n * top_k)
+        led.matrix("routed_experts", rows, cols, n * n_exp, bias=r.flag(fam.expert_bias),
+                   active=n * top_k)
     if fam.shared == "deepseek":
         n_shared = r.int("n_shared_experts")
         add_gated_mlp(led, "shared_experts", hidden, n_shared * inter, n, r.flag(fam.mlp_bias))

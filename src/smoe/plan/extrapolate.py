@@ -115,7 +115,8 @@ def catalog_table(context: int = 8192) -> list[str]:
             cells += [str(n), f"{d['decode_tokens_per_s']:.0f}"]
         d = hardware_plan(plan, h100, context=context)
         rows.append(f"| {name} | {plan.total_params / 1e9:.1f}B | {plan.active_params / 1e9:.1f}B "
-                    f"| {plan.weight_bytes['bf16'] / 1e9:.0f} | {plan.weight_bytes['int4'] / 1e9:.0f}"
+                    f"| {plan.weight_bytes['bf16'] / 1e9:.0f} | "
+                    f"{plan.weight_bytes['int4'] / 1e9:.0f}"
                     f" | {d['kv_bytes_per_token'] / 1e3:.1f} | {d['kv_bytes'] / 1e9:.2f} | "
                     + " | ".join(cells) + " |")
     return rows

@@ -108,8 +108,10 @@ def format_hardware(d: dict[str, Any]) -> str:
                      f"GPUs, {off['experts_per_layer_offloaded']} per layer in host memory "
                      f"({_gb(off['offloaded_bytes'])})")
         if "winner" in off:
-            lines.append(f"  per decode step: move them {off['transfer_seconds_per_step'] * 1e3:.1f}"
-                         f" ms vs compute on the host {off['cpu_compute_seconds_per_step'] * 1e3:.1f}"
+            move_ms = off["transfer_seconds_per_step"] * 1e3
+            cpu_ms = off["cpu_compute_seconds_per_step"] * 1e3
+            lines.append(f"  per decode step: move them {move_ms:.1f} ms vs compute on the host "
+                         f"{cpu_ms:.1f}"
                          f" ms -> {off['winner'].replace('_', ' ')} wins; "
                          f"{off['decode_tokens_per_s_offloaded']:.1f} tokens/s; transfer wins "
                          f"from batch {off['transfer_wins_from_batch']}")
