@@ -140,3 +140,18 @@ def test_extrapolation_tables(capsys):
     # across nodes at 50 GB/s DeepSeek-V3's all-to-all outlasts its experts from small batches
     lo, hi = crossover_tokens(v3, 64)
     assert lo is not None and lo <= 64 and hi == 65536
+
+
+def test_cli_ep_options(capsys):
+    assert main(["plan", "mixtral-8x7b", "--ep", "4", "--redundant", "4", "--capacity-factor",
+                 "1.25", "--intra-link", "pcie4-x16", "--latency-us", "10", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)["comm"]
+    assert c["redundant"] == 4 and c["latency"] == pytest.approx(10e-6)
+    assert c["rows_sent"] == pytest.approx(2 * 1.25 * 3 / 4)
+    assert c["intra_link"]["name"] == "pcie4-x16"
+    assert c["dispatch_seconds"] == pytest.approx(10e-6 + c["dispatch_bytes"] / 32e9)
+    assert main(["plan", "mixtral-8x7b", "--ep", "8", "--inter-link", "carrier-pigeon"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown link 'carrier-pigeon'" in err and err.count("\n") == 1
+    assert main(["plan", "llama-3-70b", "--ep", "8"]) == 2
+    assert "no MoE layers" in capsys.readouterr().err

@@ -58,6 +58,24 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
                     help="tokens per rank per step for --ep (default --batch)")
     ep.add_argument("--comm-dtype", default="bf16", help="dispatch dtype: bf16 or fp8 (default "
                                                           "bf16; combine is bf16)")
+    ep.add_argument("--redundant", type=int, default=0, metavar="R",
+                    help="redundant expert replicas (EPLB); E + R must be a multiple of D")
+    ep.add_argument("--capacity-factor", type=float, default=None, metavar="CF",
+                    help="padded capacity-factor all-to-all (default: dropless)")
+    ep.add_argument("--local-fraction", type=float, default=None, metavar="F",
+                    help="measured share of a token's experts on its own rank (default: "
+                         "uniform, (E + R) / (D * E))")
+    ep.add_argument("--comm-mode", default="per_expert", choices=("per_expert", "per_rank"),
+                    help="rows per (token, remote expert), or once per remote rank (DeepEP "
+                         "normal kernels)")
+    ep.add_argument("--intra-link", default="nvlink4",
+                    help="link inside a node: nvlink3, nvlink4, nvlink5, nvlink-h800, "
+                         "pcie4-x16, pcie5-x16 (default nvlink4)")
+    ep.add_argument("--inter-link", default="ib-400g",
+                    help="link across nodes: ib-400g, roce-400g, pcie4-x16, ... (default ib-400g)")
+    ep.add_argument("--latency-us", type=float, default=None,
+                    help="fixed cost per dispatch / combine kernel in us (default 40, fitted on "
+                         "DeepEP's H800 figures)")
 
     def run(a: argparse.Namespace) -> int:
         import json

@@ -31,18 +31,26 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
 
 
 def comm_table(plan: PlanResult, ep: int, *, tokens: int, nodes_of: int | None,
-               dispatch_dtype: str = "bf16", intra: str = "nvlink4",
-               inter: str = "ib-400g") -> dict[str, Any]:
-    """All-to-all figures of one MoE layer of ``plan`` at EP degree ``ep``."""
+               dispatch_dtype: str = "bf16", intra: str = "nvlink4", inter: str = "ib-400g",
+               **options: Any) -> dict[str, Any]:
+    """All-to-all figures of one MoE layer of ``plan`` at EP degree ``ep``; ``options`` go to
+    :class:`smoe.plan.comm.CommConfig` (redundant, capacity_factor, local_fraction, mode,
+    latency)."""
     from smoe.plan.comm import CommConfig, comm_per_layer
 
     if not plan.num_moe_layers:
-        raise ValueError("--ep: the model has no MoE layers")
+        raise ValueError("the model has no MoE layers")
+    for name in (intra, inter):
+        if name not in LINKS:
+            raise ValueError(f"unknown link {name!r}; known: {', '.join(LINKS)}")
     c = CommConfig(plan.hidden_size, plan.top_k, plan.num_experts, ep,
                    dispatch_dtype=dispatch_dtype, nodes_of=nodes_of,
-                   intra_bw=LINKS[intra].bandwidth, inter_bw=LINKS[inter].bandwidth)
+                   intra_bw=LINKS[intra].bandwidth, inter_bw=LINKS[inter].bandwidth,
+                   **{k: v for k, v in options.items() if v is not None})
     r = comm_per_layer(c, tokens)
-    return {"ep": ep, "nodes_of": nodes_of, "intra_link": LINKS[intra].to_dict(),
+    return {"ep": ep, "nodes_of": nodes_of, "redundant": c.redundant,
+            "capacity_factor": c.capacity_factor, "mode": c.mode, "latency": c.latency,
+            "intra_link": LINKS[intra].to_dict(),
             "inter_link": LINKS[inter].to_dict(), "dispatch_dtype": dispatch_dtype,
             **r.to_dict(),
             "seconds_all_moe_layers": r.seconds * plan.num_moe_layers}
@@ -67,8 +75,13 @@ def plan_args(plan: PlanResult, hw: Hardware, a: argparse.Namespace) -> dict[str
                         link_bandwidth=a.link_bandwidth * 1e9, compare_offload=hw.name != "cpu")
     if a.ep is not None:
         try:
+            latency = None if a.latency_us is None else a.latency_us * 1e-6
             out["comm"] = comm_table(plan, a.ep, tokens=a.tokens or a.batch,
-                                     nodes_of=a.nodes_of, dispatch_dtype=a.comm_dtype)
+                                     nodes_of=a.nodes_of, dispatch_dtype=a.comm_dtype,
+                                     intra=a.intra_link, inter=a.inter_link,
+                                     redundant=a.redundant, capacity_factor=a.capacity_factor,
+                                     local_fraction=a.local_fraction, mode=a.comm_mode,
+                                     latency=latency)
         except ValueError as exc:
             raise ValueError(f"--ep {a.ep}: {exc}") from None
     return out
