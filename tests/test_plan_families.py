@@ -137,6 +137,8 @@ def test_switch_transformers_exact_and_by_architectures():
     d["architectures"] = ["SwitchTransformersForConditionalGeneration"]
     r = plan_from_config(d)
     assert r.total_params == expected and r.top_k == 1
+    d.pop("architectures")                            # a bare t5-style config: by its keys
+    assert plan_from_config(d).total_params == expected
     # hand count of the MoE layers: encoder step 2 -> layers 1, 3; decoder step 3 -> layer 1
     assert r.num_moe_layers == 3
     assert r.expert_params == 3 * 4 * 2 * 32 * 48
