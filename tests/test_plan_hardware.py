@@ -220,6 +220,10 @@ def test_cli_json_keeps_old_keys_and_adds_the_new(capsys):
     assert OLD_KEYS | NEW_KEYS <= set(d)
     assert d["fits"] is True and d["gpus_needed"] == 2 and d["batch"] == 4
     assert d["kv_bytes"] == 4 * 2048 * d["kv_bytes_per_token"]
+    assert main(["plan", "dbrx", "--json", "--gpu", "a100-80gb", "--weights", "int4",
+                 "--reserve", "0"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["usable_bytes_per_gpu"] == 80e9 and d["hardware"]["reserve"] == 0
 
 
 def test_cli_table_and_cpu_with_given_bandwidth(capsys):
@@ -238,6 +242,7 @@ def test_cli_table_and_cpu_with_given_bandwidth(capsys):
     (["--batch", "-1"], "--batch must be a positive integer"),
     (["--context", "0"], "--context must be a positive integer"),
     (["--kv-dtype", "fp6"], "--kv-dtype: unknown 'fp6'"),
+    (["--reserve", "1"], r"--reserve must be in \[0, 1\)"),
     (["--gpu-memory", "0"], "--gpu-memory must be > 0"),
     (["--gpu", "cpu", "--gpu-bandwidth", "-5"], "--gpu-bandwidth must be > 0"),
     (["--ep", "3"], "--ep 3: ep=3 does not divide"),

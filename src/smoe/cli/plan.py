@@ -29,6 +29,9 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     hw.add_argument("--gpu-bandwidth", type=float, metavar="GB/s",
                     help="memory bandwidth per GPU in GB/s (overrides; with --gpu cpu skips the "
                          "measurement)")
+    hw.add_argument("--reserve", type=float, default=0.1, metavar="FRACTION",
+                    help="share of each GPU's memory kept free for activations and the runtime "
+                         "(default 0.1); the rest is the budget for weights and KV cache")
     hw.add_argument("--gpu-flops", type=float, metavar="TFLOP/s",
                     help="peak bf16 TFLOP/s per GPU (overrides the catalog)")
     w = p.add_argument_group("weights and cache")

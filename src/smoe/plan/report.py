@@ -71,7 +71,7 @@ def plan_args(plan: PlanResult, hw: Hardware, a: argparse.Namespace) -> dict[str
     host = Hardware("host", 0, a.host_bandwidth * 1e9, 1e12) if hw.name != "cpu" else hw
     out = hardware_plan(plan, hw, count=a.count,
                         schemes=Schemes(weights, a.experts, a.attention), context=a.context,
-                        batch=a.batch, kv_dtype=kv, host=host,
+                        batch=a.batch, kv_dtype=kv, host=host, reserve=a.reserve,
                         link_bandwidth=a.link_bandwidth * 1e9, compare_offload=hw.name != "cpu")
     if a.ep is not None:
         try:

@@ -104,7 +104,7 @@ def hardware_plan(plan: PlanResult, hw: Hardware, *, count: int = 1, schemes: Sc
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"--kv-dtype: unknown {kv_dtype!r}; choose from {', '.join(KV_DTYPES)}")
     if not 0 <= reserve < 1:
-        raise ValueError(f"reserve must be in [0, 1), got {reserve}")
+        raise ValueError(f"--reserve must be in [0, 1), got {reserve}")
     parts = plan.weight_bytes_by_part or {}
     by_part = {g: fmts[schemes.of(g)] for g, fmts in parts.items()}
     weights = sum(by_part.values())
