@@ -45,9 +45,13 @@ def hf_families() -> tuple[str, ...]:
     sys.modules[file_spec.name] = module  # dataclasses look their module up while being built
     try:
         file_spec.loader.exec_module(module)  # pure data: dataclasses only
+        return tuple(module.SUPPORTED_FAMILIES)
+    except Exception:  # noqa: BLE001 -- the file grew package-relative imports: import it
+        from smoe.hf.families import SUPPORTED_FAMILIES
+
+        return tuple(SUPPORTED_FAMILIES)
     finally:
         del sys.modules[file_spec.name]
-    return tuple(module.SUPPORTED_FAMILIES)
 
 
 def known_model_types() -> tuple[str, ...]:
