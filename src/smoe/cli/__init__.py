@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "smoe.cli.plan",
     "smoe.cli.route",
     "smoe.cli.bench",
+    "smoe.cli.monitor",
+    "smoe.cli.serve",
 )
 
 

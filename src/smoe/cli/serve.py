@@ -1,0 +1,2 @@
+"""`smoe serve` (built in the next commit)."""
+REGISTER = ()
