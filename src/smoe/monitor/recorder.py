@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -100,9 +101,11 @@ class WindowRecord:
     counts_LE: torch.Tensor
     summary: stats.LoadSummary
     drift_L: list[float] = field(default_factory=list)
+    closed_at: float = 0.0  # time.time() when the window closed
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "tokens": self.tokens, "counts": self.counts_LE.tolist(),
+        return {"index": self.index, "tokens": self.tokens, "closed_at": self.closed_at,
+                "counts": self.counts_LE.tolist(),
                 "drift": self.drift_L, **self.summary.as_dict()}
 
 
@@ -322,7 +325,7 @@ class RoutingMonitor:
             self._reference_LE = counts_LE.clone()
         drift_L = stats.js_divergence(counts_LE, self._reference_LE).tolist()
         record = WindowRecord(self._window_index, tokens, counts_LE, stats.summarize(counts_LE),
-                              drift_L)
+                              drift_L, time.time())
         self._window_index += 1
         self.windows.append(record)
         self._check_alerts(record)
