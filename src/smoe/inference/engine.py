@@ -40,8 +40,7 @@ import torch
 
 from smoe.inference.generate import sample_next
 
-__all__ = ["SamplingParams", "TokenEvent", "StepPlan", "Scheduler", "Engine", "NativeRunner",
-           "PerSlotRunner", "make_runner"]
+__all__ = ["SamplingParams", "TokenEvent", "StepPlan", "Scheduler", "Engine", "NativeRunner"]
 
 
 @dataclass(frozen=True)
@@ -178,55 +177,6 @@ class NativeRunner:
         return self.model(ids_B1, cache=self.cache.select(slots)).logits[:, -1]
 
 
-class PerSlotRunner:
-    """The fallback for models without the slot-cache protocol (``model(idx, cache=...)``):
-    one static cache of batch 1 per slot (``kv_cache=``/``start_pos=``), decode one row at a
-    time. Same tokens as :class:`NativeRunner`, without batched decoding."""
-
-    def __init__(self, model: torch.nn.Module, num_slots: int, max_seq_len: int | None = None):
-        from smoe.model import KVCache
-
-        self.model = model
-        self.max_seq_len = max_seq_len or model.config.max_seq_len
-        self.caches = [KVCache.for_model(model, 1, self.max_seq_len) for _ in range(num_slots)]
-        self.lengths = [0] * num_slots
-        self._free = list(range(num_slots))
-        self.device = model.embed.weight.device
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        self._free.sort()
-        return self._free.pop(0)
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
-        self._free.append(slot)
-
-    def _forward(self, slot: int, ids: list[int]) -> torch.Tensor:
-        ids_1T = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(ids_1T, kv_cache=self.caches[slot], start_pos=self.lengths[slot])
-        self.lengths[slot] += len(ids)
-        return out.logits[0, -1]
-
-    def prefill(self, slot: int, prompt_ids: Sequence[int]) -> torch.Tensor:
-        return self._forward(slot, list(prompt_ids))
-
-    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self._forward(s, [int(t)]) for s, t in zip(slots, token_ids)])
-
-
-def make_runner(model: torch.nn.Module, num_slots: int, max_seq_len: int | None = None):
-    """:class:`NativeRunner` when the model takes a slot cache, else :class:`PerSlotRunner`."""
-    import inspect
-
-    if "cache" in inspect.signature(model.forward).parameters:
-        return NativeRunner(model, num_slots, max_seq_len)
-    return PerSlotRunner(model, num_slots, max_seq_len)
-
-
 @dataclass
 class _Request:
     id: str
@@ -273,7 +223,7 @@ class Engine:
         check_model_for_batching(model, force_dropless)
         model.eval()
         self.model = model
-        self.runner = runner or make_runner(model, max_batch, max_seq_len)
+        self.runner = runner or NativeRunner(model, max_batch, max_seq_len)
         self.max_seq_len = self.runner.max_seq_len
         self.max_batch = max_batch
         self.scheduler = Scheduler(max_batch, max_prefill_tokens)
