@@ -288,3 +288,37 @@ def test_text_and_html_reports(tmp_path):
     html = path.read_text()
     assert html.count("data:image/png;base64,") == 2 and "Alerts" in html
     assert (tmp_path / "report_load.png").stat().st_size > 1000
+
+
+def test_monitor_command_writes_the_offline_report(tmp_path, monkeypatch, capsys):
+    """`smoe monitor RUN` on a run trained by the real command: the text table, the HTML and
+    PNG report, and a reference file the monitor reads back."""
+    pytest.importorskip("matplotlib")
+    import random
+
+    from smoe.cli import main as cli_main
+
+    monkeypatch.setenv("SMOE_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "the a letter house river stone light garden window".split()
+    (corpus / "prose.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40))
+                                                  for _ in range(100)))
+    (corpus / "code.py").write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 60)
+    run = tmp_path / "run"
+    assert cli_main(["train", "--out", str(run), "--data", str(corpus), "--preset", "tiny-moe",
+                     "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0",
+                     "--checkpoint-every", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    ref = tmp_path / "ref.json"
+    assert cli_main(["monitor", str(run), "--batches", "4", "--save-reference", str(ref)]) == 0
+    out = capsys.readouterr().out
+    table = [ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(table) == 4 and "drift" in out                  # tiny-moe: 4 MoE layers
+    assert (run / "monitor" / "report.html").stat().st_size > 1000
+    assert (run / "monitor" / "report_load.png").is_file()
+    m = RoutingMonitor(reference=ref)
+    assert m._reference_LE.shape == (4, 8) and int(m._reference_LE.sum()) > 0
+    assert cli_main(["monitor", str(run), "--batches", "0"]) == 2   # one-line error
+    assert "--batches" in capsys.readouterr().err
