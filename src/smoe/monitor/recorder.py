@@ -11,7 +11,10 @@ Legend: L attached MoE layers, E experts per layer.
     monitor.pop_alerts()        # hot spots, collapse, drift since the last call
 
 Design (after SGLang's expert-distribution recorder, without its module-global state): the
-hook does only device-side in-place adds (no host sync per forward); the host learns how many
+hook keeps a reference to the layer's small routing tensors (its choices ``[T, K]`` when
+dropless, else its counts), and every ``flush_every`` layer-forwards, or when anything is read,
+they are added up on the device in one batch (one bincount for all dropless layers): no host
+sync and no tensor op per forward, which keeps a decode step's overhead small. The host learns how many
 tokens went through from the input's shape, and closes a window once ``window_tokens`` tokens
 have passed, at the start of the next forward so that a window always holds whole forwards of
 every layer. Closing a window is the only sync: it copies ``[L, E]`` to the CPU, computes the
@@ -143,7 +146,7 @@ class RoutingMonitor:
 
     def __init__(self, *, window_tokens: int | None = 4096, history: int = 512,
                  co_selection: bool = True, alerts: AlertConfig | None = None,
-                 reference: str | Path = "first") -> None:
+                 reference: str | Path = "first", flush_every: int = 256) -> None:
         if window_tokens is not None and (isinstance(window_tokens, bool)
                                           or not isinstance(window_tokens, int)
                                           or window_tokens < 1):
@@ -151,6 +154,7 @@ class RoutingMonitor:
         if not isinstance(history, int) or history < 1:
             raise ValueError(f"history={history!r} must be an integer >= 1")
         self.window_tokens = window_tokens
+        self.flush_every = max(int(flush_every), 1)
         self.co_selection_enabled = co_selection
         self.alert_config = alerts or AlertConfig()
         self.windows: deque[WindowRecord] = deque(maxlen=history)
@@ -181,7 +185,7 @@ class RoutingMonitor:
                              "attach each group to its own monitor")
         self.layer_names = [n for n, _ in named]
         self.num_experts = sizes.pop()
-        self._K = [int(layer.config.top_k) for _, layer in named]
+        self._dropless = [bool(layer.config.dropless) for _, layer in named]
         self.reset()
         for li, (_, layer) in enumerate(named):
             self._handles.append(layer.register_forward_hook(self._hook(li)))
@@ -215,6 +219,7 @@ class RoutingMonitor:
             self._window_LE: torch.Tensor | None = None
             self._dropped_L: torch.Tensor | None = None
             self._co_LEE: torch.Tensor | None = None
+            self._pending: list[tuple] = []
             self._window_tokens_seen = 0
             self.total_tokens = 0
             self._window_index = 0
@@ -253,8 +258,6 @@ class RoutingMonitor:
             info = output[1]
             x = args[0] if args else None
             with self._lock:
-                counts_E = info.tokens_per_expert
-                self._buffers(counts_E.device)
                 if li == 0 and x is not None:
                     if self.window_tokens is not None \
                             and self._window_tokens_seen >= self.window_tokens:
@@ -262,42 +265,86 @@ class RoutingMonitor:
                     T = x.numel() // max(x.shape[-1], 1)
                     self._window_tokens_seen += T
                     self.total_tokens += T
-                counts_E = counts_E.detach()
-                self._counts_LE[li] += counts_E
-                self._window_LE[li] += counts_E
-                self._dropped_L[li] += info.dropped_tokens.detach()
                 ids_TK = info.expert_indices
-                K = self._K[li]
-                if self.co_selection_enabled and ids_TK is not None and K > 1:
-                    E = self.num_experts
-                    a, b = torch.triu_indices(K, K, 1, device=ids_TK.device)
-                    flat = (ids_TK[:, a] * E + ids_TK[:, b]).reshape(-1)
-                    co = torch.bincount(flat, minlength=E * E).view(E, E)
-                    self._co_LEE[li] += co + co.T
+                if self._dropless[li] and ids_TK is not None:
+                    # Dropless: the counts are the bincount of the choices; defer it, so a
+                    # decode step costs no tensor op here (one batched bincount per flush).
+                    self._pending.append((li, ids_TK.detach(), None, None))
+                else:
+                    self._pending.append((li, ids_TK.detach() if ids_TK is not None else None,
+                                          info.tokens_per_expert.detach(),
+                                          info.dropped_tokens.detach()))
+                if len(self._pending) >= self.flush_every:
+                    self._flush_locked()
         return hook
 
+    def _flush_locked(self) -> None:
+        """Add the pending forwards' counts into the on-device tensors: one concatenation
+        and one bincount for all dropless entries (layer l's expert e is bin l * E + e), two
+        in-place adds per entry for the others."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        L, E = len(self.layer_names), self.num_experts
+        device = next(p[1] if p[1] is not None else p[2] for p in pending).device
+        self._buffers(device)
+        ids = [(li, t) for li, t, c, _ in pending if c is None]
+        if ids:
+            flat = torch.cat([t.reshape(-1) for _, t in ids])
+            offs = torch.repeat_interleave(
+                torch.tensor([li * E for li, _ in ids], device=device),
+                torch.tensor([t.numel() for _, t in ids], device=device))
+            counts_LE = torch.bincount(flat + offs, minlength=L * E).view(L, E)
+            self._counts_LE += counts_LE
+            self._window_LE += counts_LE
+        for li, _, counts_E, dropped in pending:
+            if counts_E is not None:
+                self._counts_LE[li] += counts_E
+                self._window_LE[li] += counts_E
+                self._dropped_L[li] += dropped
+        if self.co_selection_enabled:
+            self._add_co_selection([(li, t) for li, t, _, _ in pending if t is not None], device)
+
+    def _add_co_selection(self, ids: list[tuple[int, torch.Tensor]], device) -> None:
+        L, E = len(self.layer_names), self.num_experts
+        by_k: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for li, t in ids:
+            if t.dim() == 2 and t.shape[1] > 1:
+                by_k.setdefault(t.shape[1], []).append((li, t))
+        for K, group in by_k.items():
+            ids_NK = torch.cat([t for _, t in group])
+            a, b = torch.triu_indices(K, K, 1, device=device)
+            layer_N = torch.repeat_interleave(
+                torch.tensor([li for li, _ in group], device=device),
+                torch.tensor([t.shape[0] for _, t in group], device=device))
+            flat = (layer_N[:, None] * (E * E) + ids_NK[:, a] * E + ids_NK[:, b]).reshape(-1)
+            co = torch.bincount(flat, minlength=L * E * E).view(L, E, E)
+            self._co_LEE += co + co.transpose(1, 2)
+
     # -- reading ------------------------------------------------------------------------
-    def _read(self, t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         with self._lock:
+            self._flush_locked()
+            t = getattr(self, name)
             return torch.zeros(shape, dtype=torch.long) if t is None else t.clone()
 
     def counts(self) -> torch.Tensor:
         """Cumulative assignments per (layer, expert), ``[L, E]`` (a copy, on the device)."""
-        return self._read(self._counts_LE, (len(self.layer_names), self.num_experts))
+        return self._read("_counts_LE", (len(self.layer_names), self.num_experts))
 
     def window_counts(self) -> torch.Tensor:
         """Assignments of the window still open, ``[L, E]``."""
-        return self._read(self._window_LE, (len(self.layer_names), self.num_experts))
+        return self._read("_window_LE", (len(self.layer_names), self.num_experts))
 
     def dropped_tokens(self) -> torch.Tensor:
         """Tokens that got no expert (capacity or expert choice), per layer, ``[L]``."""
-        return self._read(self._dropped_L, (len(self.layer_names),))
+        return self._read("_dropped_L", (len(self.layer_names),))
 
     def co_selection(self) -> torch.Tensor:
         """How often experts i and j were chosen by the same token, ``[L, E, E]`` symmetric,
         zero diagonal (the diagonal would be :meth:`counts`)."""
         E = self.num_experts
-        return self._read(self._co_LEE, (len(self.layer_names), E, E))
+        return self._read("_co_LEE", (len(self.layer_names), E, E))
 
     def summary(self) -> stats.LoadSummary:
         """The figures of :mod:`smoe.monitor.stats` on the cumulative counts."""
@@ -316,6 +363,7 @@ class RoutingMonitor:
             return self._close_window_locked()
 
     def _close_window_locked(self) -> WindowRecord | None:
+        self._flush_locked()
         if self._window_LE is None or self._window_tokens_seen == 0:
             return None
         counts_LE = self._window_LE.to("cpu", copy=True)  # .cpu() aliases a CPU tensor
