@@ -17,8 +17,9 @@ they are added up on the device in one batch (one bincount for all dropless laye
 sync and no tensor op per forward, which keeps a decode step's overhead small. The host
 learns how many tokens went through from the input's shape, and closes a window once
 ``window_tokens`` tokens have passed, at the start of the next forward so that a window always
-holds whole forwards of every layer. Closing a window is the only sync: it copies ``[L, E]`` to the CPU, computes the
-figures of :mod:`smoe.monitor.stats`, the drift against the reference and the alerts.
+holds whole forwards of every layer. Closing a window is the only sync: it copies ``[L, E]``
+to the CPU, computes the figures of :mod:`smoe.monitor.stats`, the drift against the reference
+and the alerts.
 
 Rows that are padding must not reach the layers while recording (the engine never pads);
 wrap warm-up or padded forwards in ``with monitor.paused():``.
