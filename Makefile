@@ -10,10 +10,13 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.smoe-installed
 # System packages from Debian: the default corpus's prose (Jane Austen's novels, public domain,
 # in r-cran-janeaustenr) and tcmalloc, which the smoe launcher preloads on CPU (it avoids
-# re-faulting large freshly allocated tensors; see BENCHMARKS.md).
+# re-faulting large freshly allocated tensors; see BENCHMARKS.md). The tests also need Debian's
+# chromium and its driver (the dashboard's headless-browser test; nothing is downloaded at run
+# time).
 AUSTEN   := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 APT_PKGS := r-cran-janeaustenr libtcmalloc-minimal4
+TEST_APT_PKGS := chromium chromium-driver
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Exact versions of every dependency, made by pip-tools from pyproject.toml (`make lock`).
@@ -25,7 +28,7 @@ LOCK_PINS  := -P transformers==5.23.0 -P torch==2.13.0+cpu
 LATEST     := .venv-latest
 PYTEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONHASHSEED=0
 
-.PHONY: demo test test-latest setup sysdeps bench lock clean
+.PHONY: demo test test-latest setup sysdeps testdeps bench lock clean
 
 setup: sysdeps $(STAMP)
 
@@ -35,6 +38,13 @@ sysdeps:
 	  echo "installing Debian packages: $(APT_PKGS)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	fi
+
+testdeps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing Debian packages: $(TEST_APT_PKGS)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(TEST_APT_PKGS) >/dev/null; \
 	fi
 
 $(PY):
@@ -50,12 +60,12 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 demo: setup
 	$(PY) -m smoe.demo
 
-test: setup
+test: setup testdeps
 	LD_PRELOAD="$$([ -f $(TCMALLOC) ] && echo $(TCMALLOC))" $(PYTEST_ENV) $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The newest versions pyproject.toml allows, in their own environment: an upcoming break shows
 # here before a lock update brings it in. Informative; CI runs `make test`.
-test-latest: sysdeps
+test-latest: sysdeps testdeps
 	[ -x $(LATEST)/bin/python ] || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet $(TORCH)

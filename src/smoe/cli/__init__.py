@@ -33,6 +33,8 @@ COMMAND_MODULES = (
     "smoe.cli.plan",
     "smoe.cli.route",
     "smoe.cli.bench",
+    "smoe.cli.monitor",
+    "smoe.cli.serve",
 )
 
 #: The command whose parser is being built in full (None: only the light ones).

@@ -190,6 +190,14 @@ class Trainer:
         apply_loss_overrides(model, config)
         self.optimizer = build_optimizer(model, config)
         self.moe_layer_ids = [i for i, _ in model.moe_layers()]
+        # Routing drift and hot spots for metrics.jsonl / TensorBoard: one window per log row,
+        # drift against the first window of this session (validation forwards not counted).
+        self.monitor = None
+        if self.moe_layer_ids:
+            from smoe.monitor import RoutingMonitor
+
+            self.monitor = RoutingMonitor(window_tokens=None, co_selection=False).attach(
+                model.moe_layers())
         self.step = 0                 # optimizer updates done
         self.tokens_seen = 0
         self.elapsed_s = 0.0          # training time over all sessions of this run
@@ -260,8 +268,9 @@ class Trainer:
         """:func:`evaluate_model` on the trainer's validation batches, at the current step."""
         if not self.val:
             raise ValueError("no validation batches were given to the trainer")
-        row = evaluate_model(self.model, self.val, val_bytes_per_token=self.val_bpt,
-                             domain_names=self.domain_names, bf16=self.cfg.bf16)
+        with (self.monitor.paused() if self.monitor is not None else contextlib.nullcontext()):
+            row = evaluate_model(self.model, self.val, val_bytes_per_token=self.val_bpt,
+                                 domain_names=self.domain_names, bf16=self.cfg.bf16)
         row = {"step": self.step, **row}
         self.last_eval = row
         return row
@@ -350,6 +359,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last:
                     row["tokens_per_s"] = win_tokens / win_time if win_time > 0 else 0.0
                     row["elapsed_s"] = self.elapsed_s
+                    if self.monitor is not None:
+                        row.update(self.monitor.training_row())
                     win_tokens, win_time = 0, 0.0
                     self._emit(row, on_log)
                     if bar is None and self.print_log:

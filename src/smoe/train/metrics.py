@@ -3,6 +3,8 @@ expert-load statistics the progress bar and the logs show.
 
 Load imbalance of one MoE layer is ``max / mean`` of its tokens per expert (1.0 is perfectly
 balanced, ``E`` is everything on one expert); the run-level number is the mean over MoE layers.
+The statistics themselves live in :mod:`smoe.monitor.stats`; the functions here keep their names
+for the trainer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from smoe._io import atomic_write_text
+from smoe.monitor import stats
 
 __all__ = ["METRICS_FILE", "TB_DIR", "MetricsLogger", "load_fractions", "load_imbalance",
            "read_metrics", "truncate_metrics"]
@@ -25,18 +28,15 @@ TB_DIR = "tb"
 
 
 def load_fractions(tokens_per_expert_LE: torch.Tensor) -> list[list[float]]:
-    """Share of each layer's routed assignments that each expert took, (L, E) as lists."""
-    counts = tokens_per_expert_LE.double()
-    total = counts.sum(dim=-1, keepdim=True).clamp(min=1)
-    return (counts / total).tolist()
+    """Share of each layer's routed assignments that each expert took, (L, E) as lists
+    (:func:`smoe.monitor.stats.shares`)."""
+    return stats.shares(tokens_per_expert_LE).tolist()
 
 
 def load_imbalance(tokens_per_expert_LE: torch.Tensor) -> tuple[float, list[float]]:
-    """(mean over layers, per layer) of max/mean tokens per expert; 0 for a layer with none."""
-    counts = tokens_per_expert_LE.double()
-    mean = counts.mean(dim=-1)
-    per_layer = torch.where(mean > 0, counts.max(dim=-1).values / mean.clamp(min=1e-12),
-                            torch.zeros_like(mean)).tolist()
+    """(mean over layers, per layer) of max/mean tokens per expert; 0 for a layer with none
+    (:func:`smoe.monitor.stats.max_over_mean`)."""
+    per_layer = stats.max_over_mean(tokens_per_expert_LE).tolist()
     return (sum(per_layer) / len(per_layer) if per_layer else 0.0), per_layer
 
 

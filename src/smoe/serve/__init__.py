@@ -1,0 +1,22 @@
+"""``smoe serve``: an OpenAI-compatible HTTP server with continuous batching, Prometheus metrics
+and a live routing dashboard (needs the ``serve`` extra: fastapi, uvicorn, prometheus-client).
+
+    from smoe.serve import ServeConfig, load_served_model, build_state, create_app
+    state = build_state(load_served_model("runs/demo"), ServeConfig(max_batch=8))
+    app = create_app(state)          # run with uvicorn
+
+Importing this package imports none of the extras; :func:`create_app` does.
+"""
+
+from smoe.serve.loading import ServedModel, load_served_model
+from smoe.serve.server import ServeConfig, ServerState, build_state
+
+
+def create_app(state):  # noqa: D103 - documented in smoe.serve.app
+    from smoe.serve.app import create_app as _create
+
+    return _create(state)
+
+
+__all__ = ["ServeConfig", "ServerState", "ServedModel", "build_state", "load_served_model",
+           "create_app"]

@@ -1,0 +1,301 @@
+"""HTTP only: the FastAPI app of ``smoe serve`` (OpenAI-compatible endpoints, health, metrics,
+dashboard). Request/response shapes live in :mod:`smoe.serve.openai`, the model and engine in
+:mod:`smoe.serve.server`.
+
+Statuses: 400 for a request smoe cannot serve (OpenAI-style error body naming the field),
+malformed JSON 400, wrong types 422, 401 without the API key, 404 for an unknown model, 429
+with Retry-After when the queue is full, 503 while draining, 504 after the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from smoe.inference.engine import SamplingParams
+from smoe.serve import openai as oa
+from smoe.serve.server import ServerState
+from smoe.serve.worker import Draining, QueueFull
+
+__all__ = ["create_app"]
+
+
+def _error(status: int, message: str, **kw: Any) -> JSONResponse:
+    headers = kw.pop("headers", None)
+    return JSONResponse(oa.error_body(message, **kw), status_code=status, headers=headers)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    cfg, served = state.config, state.served
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.worker.start()
+        try:
+            yield
+        finally:  # uvicorn has stopped accepting connections; finish what is running
+            await state.worker.drain(cfg.drain_timeout)
+            state.worker.stop()
+
+    app = FastAPI(title="smoe serve", lifespan=lifespan)
+    app.state.smoe = state
+
+    @app.exception_handler(oa.APIError)
+    async def _api_error(request: Request, exc: oa.APIError):
+        return _error(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
+                      headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('msg', '')}",
+                          code="invalid_json")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        return _error(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
+                      param=param, code="invalid_type")
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if cfg.api_key is not None and path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
+                state.metrics.requests.labels(path, "401").inc()
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                              type="authentication_error", code="invalid_api_key")
+        response = await call_next(request)
+        if path.startswith("/v1/"):
+            state.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    # -- plain endpoints -------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if state.worker.error is not None:
+            return _error(503, f"the engine stopped: {state.worker.error}", type="server_error")
+        return {"status": "draining" if state.worker.draining else "ok",
+                "running": state.engine.num_running, "waiting": state.engine.num_waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model",
+                                            "created": int(state.started),
+                                            "owned_by": "smoe"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard():
+        page = resources.files("smoe.serve").joinpath("static/dashboard.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.get("/dashboard/data")
+    async def dashboard_data():
+        return _dashboard_data(state)
+
+    # -- generation ------------------------------------------------------------------------
+    def _check_model(name: str | None) -> None:
+        if name is not None and name != served.name:
+            raise oa.APIError(404, f"model {name!r} does not exist; this server serves "
+                              f"{served.name!r}", param="model", code="model_not_found")
+
+    def _params(req: oa._Common, prompt_len: int) -> SamplingParams:
+        if prompt_len == 0:
+            raise oa.APIError(400, "the prompt is empty", param="prompt")
+        if prompt_len > state.max_prompt_tokens:
+            raise oa.APIError(400, f"the prompt is {prompt_len} tokens; this server accepts at "
+                              f"most {state.max_prompt_tokens}", param="prompt",
+                              code="context_length_exceeded")
+        room = state.context - prompt_len
+        if req.max_tokens is not None:
+            if req.max_tokens > cfg.max_tokens:
+                raise oa.APIError(400, f"max_tokens={req.max_tokens} is above this server's "
+                                  f"limit of {cfg.max_tokens}", param="max_tokens")
+            if req.max_tokens > room:
+                raise oa.APIError(400, f"prompt ({prompt_len} tokens) + max_tokens "
+                                  f"({req.max_tokens}) exceeds the context of {state.context}",
+                                  param="max_tokens", code="context_length_exceeded")
+            n = req.max_tokens
+        else:
+            n = min(cfg.max_tokens, room)
+        stops = (served.eos_id,) if served.eos_id is not None else ()
+        return SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p,
+                              seed=req.seed, stop_token_ids=stops)
+
+    def _submit(ids: list[int], params: SamplingParams):
+        try:
+            return state.worker.submit(ids, params)
+        except QueueFull as exc:
+            raise oa.APIError(429, str(exc), type="rate_limit_error", code="queue_full",
+                              headers={"Retry-After": str(cfg.retry_after_s)}) from None
+        except Draining as exc:
+            raise oa.APIError(503, str(exc), type="server_error", code="draining",
+                              headers={"Retry-After": str(cfg.retry_after_s)}) from None
+        except ValueError as exc:
+            raise oa.APIError(400, str(exc)) from None
+
+    async def _tokens(request: Request, sub):
+        """The request's events, with latencies recorded; aborts on disconnect or timeout."""
+        deadline = sub.start + cfg.request_timeout
+        last = None
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise oa.APIError(504, f"the request took longer than "
+                                      f"{cfg.request_timeout:g} s", type="timeout",
+                                      code="timeout")
+                try:
+                    ev = await asyncio.wait_for(sub.events.get(), min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                now = time.monotonic()
+                if ev.token_id is not None:
+                    state.metrics.observe("ttft" if last is None else "itl",
+                                          now - (sub.start if last is None else last))
+                    state.metrics.gen_tokens.inc()
+                    last = now
+                if ev.finish_reason == "error":
+                    raise oa.APIError(500, "the engine failed", type="server_error")
+                yield ev
+                if ev.finished:
+                    state.metrics.observe("e2e", now - sub.start)
+                    return
+        finally:
+            state.worker.abort(sub.request_id)  # a no-op once finished
+
+    async def _run(request: Request, req: oa._Common, ids: list[int], chat: bool):
+        _check_model(req.model)
+        req.check_supported()
+        stops = req.stop_strings()
+        params = _params(req, len(ids))
+        sub = _submit(ids, params)
+        state.metrics.prompt_tokens.inc(len(ids))
+        rid = oa.new_id("chatcmpl" if chat else "cmpl")
+        tracker = oa.TextTracker(served.decode, stops, params.stop_token_ids)
+        if req.stream:
+            return StreamingResponse(_stream(request, sub, rid, tracker, req, chat),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text, finish, n = [], "length", 0
+        events = _tokens(request, sub)
+        try:
+            async for ev in events:
+                n += ev.token_id is not None
+                text.append(tracker.add(ev.token_id, ev.finished))
+                if ev.finished:
+                    finish = "stop" if ev.finish_reason == "stop" else "length"
+                if tracker.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            await events.aclose()  # frees the slot at once when a stop string ended it
+        if request is not None and await request.is_disconnected():
+            return Response(status_code=499)
+        usage = oa.usage_body(len(ids), n)
+        body = (oa.chat_body if chat else oa.completion_body)(rid, served.name, "".join(text),
+                                                              finish, usage)
+        return JSONResponse(body)
+
+    async def _stream(request, sub, rid, tracker, req, chat):
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        n = 0
+        finish = None
+        events = _tokens(request, sub)
+        try:
+            if chat:
+                yield sse(oa.chat_chunk(rid, served.name, {"role": "assistant", "content": ""},
+                                        None))
+            async for ev in events:
+                n += ev.token_id is not None
+                delta = tracker.add(ev.token_id, ev.finished)
+                if ev.finished or tracker.stopped:
+                    finish = "stop" if (ev.finish_reason == "stop" or tracker.stopped) \
+                        else "length"
+                if delta or finish:
+                    if chat:
+                        yield sse(oa.chat_chunk(rid, served.name,
+                                                {"content": delta} if delta else {}, finish))
+                    else:
+                        yield sse(oa.completion_chunk(rid, served.name, delta, finish))
+                if finish:
+                    break
+        except oa.APIError as exc:
+            yield sse(oa.error_body(exc.message, type=exc.type, code=exc.code))
+        finally:
+            await events.aclose()
+        if req.include_usage:
+            usage = oa.usage_body(sub.prompt_tokens, n)
+            chunk = oa.chat_chunk if chat else oa.completion_chunk
+            yield sse(chunk(rid, served.name, {} if chat else "", None, usage, choices=False))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, req: oa.CompletionRequest):
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0] if len(prompt) == 1 else prompt
+        if isinstance(prompt, str):
+            ids = served.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        req.check_supported()
+        return await _run(request, req, ids, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, req: oa.ChatRequest):
+        if served.chat_prompt is None:
+            raise oa.APIError(400, f"model {served.name!r} has no chat template: use "
+                              "/v1/completions with a plain prompt", param="messages",
+                              code="no_chat_template")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = served.encode(served.chat_prompt(messages))
+        return await _run(request, req, ids, chat=True)
+
+    return app
+
+
+def _dashboard_data(state: ServerState) -> dict[str, Any]:
+    """What the dashboard polls: the recent L x E load, imbalance and drift per window,
+    alerts, latency percentiles, queue depth, batch size, throughput."""
+    m = state.monitor
+    data: dict[str, Any] = {
+        "model": state.served.name, "time": time.time(),
+        "running": state.engine.num_running, "waiting": state.engine.num_waiting,
+        "tokens_per_second": state.worker.tokens_per_second(),
+        "generated_tokens": state.worker.generated_tokens,
+        "latency": state.metrics.percentiles(), "layers": [], "experts": 0, "heat": [],
+        "windows": [], "alerts": []}
+    if m is None:
+        return data
+    from smoe.monitor import stats
+
+    open_LE = m.window_counts().cpu()
+    recent = open_LE if int(open_LE.sum()) or not m.windows else m.windows[-1].counts_LE
+    data.update(layers=list(m.layer_names), experts=m.num_experts,
+                heat=stats.shares(recent).tolist(), counts=recent.tolist(),
+                total_tokens=m.total_tokens)
+    data["windows"] = [{"index": w.index, "time": w.closed_at, "tokens": w.tokens,
+                        "imbalance": sum(w.summary.imbalance) / len(w.summary.imbalance),
+                        "drift": sum(w.drift_L) / len(w.drift_L)}
+                       for w in list(m.windows)[-120:]]
+    data["alerts"] = [a.as_dict() for a in m.alerts[-50:]]
+    return data
