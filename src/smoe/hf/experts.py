@@ -11,7 +11,6 @@ weights. :class:`SplitExperts` keeps the three tensors as they are and runs one 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from smoe.config import MoEConfig
 from smoe.nn.experts import (
@@ -20,6 +19,7 @@ from smoe.nn.experts import (
     _grouped_mm_aligned,
     gated_activation,
 )
+from smoe.nn.grouped_mm import grouped_mm
 
 __all__ = ["SplitExperts"]
 
@@ -72,9 +72,8 @@ class SplitExperts(Experts):
             backend = "grouped_mm" if fits else "loop"
         if backend == "grouped_mm":
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            a = self._gated(F.grouped_mm(x_AD, w_gate, offs=offs_E),
-                            F.grouped_mm(x_AD, w_up, offs=offs_E))
-            return F.grouped_mm(a, w_down, offs=offs_E)
+            a = self._gated(grouped_mm(x_AD, w_gate, offs_E), grouped_mm(x_AD, w_up, offs_E))
+            return grouped_mm(a, w_down, offs_E)
         sizes = counts_E.tolist()
         a = self._gated(self._matmul_per_expert(x_AD, w_gate, sizes),
                         self._matmul_per_expert(x_AD, w_up, sizes))

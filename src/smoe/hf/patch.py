@@ -172,8 +172,13 @@ def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]
     elif rule == "deepseek_v2":
         method = router.topk_method
         if method == "group_limited_greedy":
-            kw.update(n_groups=int(router.num_group), topk_groups=int(router.topk_group),
-                      group_score="max")
+            n_groups, topk_groups = int(router.num_group), int(router.topk_group)
+            kept = topk_groups * (_read(block, router, r.weight).shape[0] // n_groups)
+            # transformers zeroes the scores of the dropped groups and takes the top K: with
+            # K above the kept groups' experts, the extra picks are dropped experts with weight
+            # exactly 0, which add nothing. Routing to the kept experts only is the same sum.
+            kw.update(n_groups=n_groups, topk_groups=topk_groups, group_score="max",
+                      top_k=min(top_k, kept))
         elif method != "greedy":
             raise ValueError(f"smoe.hf: {name} topk_method={method!r} is not supported")
         rule = "softmax_topk"
@@ -187,7 +192,8 @@ def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]
     elif rule in ("sigmoid", "llama4"):
         kw.update(router="sigmoid_bias", norm_topk_eps=r.norm_eps)
         if r.groups:
-            kw.update(n_groups=int(router.num_group), topk_groups=int(router.topk_group))
+            E = _read(block, router, r.weight).shape[0]
+            kw.update(_sigmoid_groups(name, router, top_k, E))
         if rule == "llama4":
             kw.update(norm_topk_prob=False, weights_on_input=True)
     elif rule == "sparsemixer":
@@ -195,6 +201,48 @@ def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]
         kw.update(router="sparsemixer", top_k=2,
                   sparsemixer_jitter_eps=float(router.router_jitter_noise))
     return kw
+
+
+#: transformers experts implementation -> smoe experts backend. ``batched_mm`` (gather each
+#: (token, expert) pair's weights, one batched GEMM) has no smoe twin; ``auto`` is the nearest:
+#: one grouped GEMM per projection where dtype and sizes allow, the per-expert loop otherwise.
+EXPERTS_IMPLEMENTATIONS = {"eager": "loop", "grouped_mm": "grouped_mm", "batched_mm": "auto"}
+
+
+def experts_backend_for(implementation: str | None) -> str:
+    """The smoe experts backend that honours a transformers ``experts_implementation``."""
+    if implementation is None:
+        return "auto"
+    if implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"smoe.hf: experts_implementation={implementation!r} has no smoe "
+                         f"equivalent on a patched model; use one of "
+                         f"{', '.join(EXPERTS_IMPLEMENTATIONS)}, or smoe.hf.unpatch(model) first")
+    return EXPERTS_IMPLEMENTATIONS[implementation]
+
+
+def _sigmoid_groups(name: str, router: nn.Module, top_k: int, E: int) -> dict[str, int]:
+    """Group-limited routing of a DeepSeek-V3-style router, as smoe settings.
+
+    transformers gives the experts of the dropped groups a score of -inf and takes the top K.
+    When K exceeds the kept groups' experts, the remaining picks are experts of dropped groups,
+    chosen by ``torch.topk``'s order among equal -inf scores and weighted by their real sigmoid
+    scores. With K = E every expert is picked whatever the groups, so the group limit is moot
+    and dropped; between the two, which dropped experts are picked is an artefact of the
+    kernel's tie order, not a routing rule, and is refused.
+    """
+    n_groups, topk_groups = int(router.num_group), int(router.topk_group)
+    if n_groups <= 1:
+        return dict(n_groups=1, topk_groups=1)
+    kept = topk_groups * (E // n_groups)
+    if top_k <= kept:
+        return dict(n_groups=n_groups, topk_groups=topk_groups)
+    if top_k == E:
+        return dict(n_groups=1, topk_groups=1)
+    raise ValueError(f"smoe.hf: {name} routes top_k={top_k} experts but its {topk_groups} kept "
+                     f"group(s) of {E // n_groups} hold only {kept}: transformers fills the "
+                     f"other {top_k - kept} slots with experts of dropped groups in torch.topk's "
+                     "tie order among -inf scores, which smoe does not reproduce; use top_k <= "
+                     f"{kept}, top_k = {E}, or more kept groups (topk_group)")
 
 
 # -- one patched block ----------------------------------------------------------------------
@@ -205,12 +253,34 @@ class _RouterReplay:
     def __init__(self, router: nn.Module, forward: Any) -> None:
         self.router = router
         self.forward = forward
+        # torch.compile cannot trace a ContextVar: while compiling, the pending output is kept
+        # here instead (as transformers' own CompileableContextVar does; not thread-safe there).
+        self.pending: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pending is not None:
+            return self.pending
+        if torch.compiler.is_compiling():
+            return self.forward(*args, **kwargs)
         replay = _REPLAY.get()
         if replay is not None and replay[0] is self.router:
             return replay[1]
         return self.forward(*args, **kwargs)
+
+    def replay(self, x_TD: torch.Tensor, routed: Any) -> None:
+        """Call the router module (so its hooks fire) with its output replaced by ``routed``."""
+        if torch.compiler.is_compiling():
+            self.pending = routed
+            try:
+                self.router(x_TD)
+            finally:
+                self.pending = None
+            return
+        token = _REPLAY.set((self.router, routed))
+        try:
+            self.router(x_TD)
+        finally:
+            _REPLAY.reset(token)
 
 
 class _Patch:
@@ -253,6 +323,13 @@ class _Patch:
         layer.experts.transposed = ex["transposed"]
         layer.experts.interleaved = ex["interleaved"]
         self.layer = layer
+        # transformers' experts-implementation setting (``model.set_experts_implementation``),
+        # read by decorated experts classes from their config on every call: followed here.
+        experts_module = getattr(block, spec.experts) if spec.experts else block
+        impl_config = getattr(experts_module, "config", None)
+        self.impl_config = (impl_config if hasattr(impl_config, "_experts_implementation")
+                            else None)
+        self.impl_seen = self._implementation()
 
         # (smoe module, name, source object, source name): re-checked on every forward.
         binds = [(layer.router, "weight", *self.weight_owner)]
@@ -300,7 +377,8 @@ class _Patch:
         block, router = self.block, self.router
         self._saved = {"block": block.__dict__.get("forward"),
                        "router": router.__dict__.get("forward")}
-        router.forward = _RouterReplay(router, router.forward)
+        self.replay = _RouterReplay(router, router.forward)
+        router.forward = self.replay
         block.forward = self.forward
         setattr(block, _ATTR, self)
 
@@ -321,7 +399,15 @@ class _Patch:
         for module, name in self.owned:
             t = getattr(module, name)
             if t.device != device:
-                setattr(module, name, t.to(device))
+                # Owned tensors start as zeros (no selection bias, no load yet). A model built
+                # on the meta device and materialised later (``to_empty`` + init, as
+                # low-memory loading and FSDP do) has no data to copy: start from zeros there.
+                t = (torch.zeros(t.shape, dtype=t.dtype, device=device) if t.is_meta
+                     else t.to(device))
+                setattr(module, name, t)
+
+    def _implementation(self) -> str | None:
+        return None if self.impl_config is None else self.impl_config._experts_implementation
 
     def _logits_dtype(self, x: torch.Tensor) -> torch.dtype:
         """dtype of the router linear in the original model."""
@@ -336,6 +422,10 @@ class _Patch:
         """The block's ``forward`` while patched: same argument, same return value."""
         block, layer = self.block, self.layer
         self._bind()
+        impl = self._implementation()
+        if impl != self.impl_seen:
+            layer.experts.backend = experts_backend_for(impl)
+            self.impl_seen = impl
         if layer.training != block.training:
             layer.train(block.training)
         x = hidden_states
@@ -349,11 +439,8 @@ class _Patch:
         y, info = layer(x)
         x_TD = x.reshape(-1, x.shape[-1])
         routed = self._router_output(x_TD, info, logits_dtype)
-        token = _REPLAY.set((self.router, routed))
-        try:
-            self.router(x_TD)  # the router's hooks (router_logits recording) see `routed`
-        finally:
-            _REPLAY.reset(token)
+        # The router's hooks (router_logits recording) see `routed`.
+        self.replay.replay(x_TD, routed)
         if self.output_bias is not None:
             y = y + getattr(*self.output_bias)
         if self.average:

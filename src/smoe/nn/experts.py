@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import GATED_ACTIVATIONS, MoEConfig
+from smoe.nn.grouped_mm import grouped_mm
 
 __all__ = ["Experts", "DenseMLP", "activate", "gated_activation", "BACKENDS"]
 
@@ -164,9 +165,9 @@ class Experts(nn.Module):
             backend = "grouped_mm" if fits else "loop"
         if backend == "grouped_mm":
             offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h = F.grouped_mm(x_AD, w_in, offs=offs_E)
+            h = grouped_mm(x_AD, w_in, offs_E)
             h = self._add_bias(h, self.in_proj_bias, expert_A)
-            y = F.grouped_mm(self._act(h), w_down, offs=offs_E)
+            y = grouped_mm(self._act(h), w_down, offs_E)
         else:
             sizes = counts_E.tolist()
             h = self._matmul_per_expert(x_AD, w_in, sizes)
