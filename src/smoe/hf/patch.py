@@ -55,7 +55,8 @@ from torch import nn
 
 from smoe.config import MoEConfig
 from smoe.hf.experts import SplitExperts
-from smoe.hf.families import BLOCKS, SUPPORTED_FAMILIES, Block
+from smoe.hf.families import BLOCKS, REFUSED, SUPPORTED_FAMILIES, Block
+from smoe.hf.routers import HFRouter
 from smoe.nn.experts import DenseMLP
 from smoe.nn.moe import MoEInfo, MoELayer
 
@@ -320,6 +321,11 @@ class _Patch:
             if shared_bias:
                 layer.shared_experts = DenseMLP(cfg.hidden_size, cfg.shared_size, cfg.activation,
                                                 bias=True)
+            if r.selection or r.softcap:
+                softcap = float(_read(block, router, r.softcap) or 0.0) if r.softcap else 0.0
+                norm_min = float(_read(block, router, r.norm_min)) if r.norm_min else 0.0
+                layer.router = HFRouter(cfg, selection=r.selection, softcap=softcap,
+                                        norm_min=norm_min)
         layer.experts.transposed = ex["transposed"]
         layer.experts.interleaved = ex["interleaved"]
         self.layer = layer
@@ -349,13 +355,14 @@ class _Patch:
         # here and follow the router weight's device.
         self.owned: list[tuple[nn.Module, str]] = []
         device = router_weight.device
-        if cfg.router == "sigmoid_bias":
+        if cfg.router == "sigmoid_bias" or r.selection:
             owner = (_owner(block, router, r.correction_bias) if r.correction_bias else None)
             if owner is not None and getattr(owner[0], owner[1], None) is not None:
                 binds.append((layer.router, "expert_bias", *owner))
             else:
                 layer.router.expert_bias = torch.zeros(cfg.num_experts, device=device)
                 self.owned.append((layer.router, "expert_bias"))
+        if cfg.router == "sigmoid_bias":
             layer.load_since_update = torch.zeros(cfg.num_experts, dtype=torch.long,
                                                   device=device)
             self.owned.append((layer, "load_since_update"))
@@ -489,6 +496,10 @@ def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     _require_transformers()
     if is_patched(model):
         raise ValueError("smoe.hf.patch: the model is already patched; call unpatch first")
+    for m in model.modules():
+        reason = REFUSED.get(type(m).__name__)
+        if reason is not None:
+            raise ValueError(f"smoe.hf.patch: {type(m).__name__} cannot run on smoe: {reason}")
     found = [(m, BLOCKS[type(m).__name__]) for m in model.modules()
              if type(m).__name__ in BLOCKS]
     if not found:
