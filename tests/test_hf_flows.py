@@ -155,6 +155,21 @@ def test_compiled_patched_model_records_router_logits():
     assert abs(out.aux_loss.item() - ref.aux_loss.item()) <= 1e-6
 
 
+def test_compiled_patched_block_decodes_one_token_fullgraph():
+    """One token without autograd on CPU takes smoe's decode shortcut in eager mode, which reads
+    the routing on the host; under compile the sorted path runs instead, so a decode step
+    still compiles as one graph and gives the eager result."""
+    torch._dynamo.reset()
+    model = _model("mixtral", **MIXTRAL)
+    smoe.hf.patch(model)
+    block = model.model.layers[1].mlp
+    x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = block(x)
+        out = torch.compile(block, fullgraph=True, dynamic=False, backend="aot_eager")(x)
+    assert _max_diff(out, ref) <= 1e-6
+
+
 def test_grouped_mm_wrapper_is_plain_aten_in_eager():
     """Eager calls do not go through the custom operator (its dispatch costs tens of us)."""
     x, w = torch.randn(4, 8), torch.randn(2, 8, 4)
