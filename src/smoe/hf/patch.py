@@ -204,6 +204,26 @@ def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]
     return kw
 
 
+def _lookup(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)`` without ``nn.Module.__getattr__``'s slow path where possible."""
+    d = obj.__dict__
+    if name in d:
+        return d[name]
+    for store in ("_parameters", "_buffers"):
+        tensors = d.get(store)
+        if tensors is not None and name in tensors:
+            return tensors[name]
+    return getattr(obj, name)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run any forward hook (its own or a global one)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
 #: transformers experts implementation -> smoe experts backend. ``batched_mm`` (gather each
 #: (token, expert) pair's weights, one batched GEMM) has no smoe twin; ``auto`` is the nearest:
 #: one grouped GEMM per projection where dtype and sizes allow, the per-expert loop otherwise.
@@ -367,6 +387,7 @@ class _Patch:
                                                   device=device)
             self.owned.append((layer, "load_since_update"))
         self.binds = binds
+        self._sources: tuple[Any, ...] = ()
         self._bind()
         left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                 if t.is_meta and not router_weight.is_meta]
@@ -398,11 +419,18 @@ class _Patch:
 
     # -- running ----------------------------------------------------------------------------
     def _bind(self) -> None:
-        for dst, name, src, src_name in self.binds:
-            t = getattr(src, src_name)
-            if getattr(dst, name) is not t:
-                setattr(dst, name, t)
-        device = getattr(*self.weight_owner).device
+        # Runs on every call: a tuple of the sources, compared by identity, skips the per-
+        # tensor work unless the model swapped a tensor (``to_empty``, ``model.to()`` on
+        # buffers, ``load_state_dict(assign=True)``). Parameters moved by ``model.to()`` keep
+        # their objects (their ``.data`` changes), so the layer sees the move anyway.
+        sources = tuple(_lookup(src, src_name) for _, _, src, src_name in self.binds)
+        if len(sources) != len(self._sources) or any(
+                a is not b for a, b in zip(sources, self._sources)):
+            for (dst, name, _, _), t in zip(self.binds, sources):
+                if getattr(dst, name) is not t:
+                    setattr(dst, name, t)
+            self._sources = sources
+        device = sources[0].device  # the router weight
         for module, name in self.owned:
             t = getattr(module, name)
             if t.device != device:
@@ -414,7 +442,11 @@ class _Patch:
                 setattr(module, name, t)
 
     def _implementation(self) -> str | None:
-        return None if self.impl_config is None else self.impl_config._experts_implementation
+        # The instance dict, not the property: transformers configs have a slow
+        # __getattribute__, and this runs on every call.
+        if self.impl_config is None:
+            return None
+        return vars(self.impl_config).get("_experts_implementation_internal")
 
     def _logits_dtype(self, x: torch.Tensor) -> torch.dtype:
         """dtype of the router linear in the original model."""
@@ -437,22 +469,26 @@ class _Patch:
             layer.train(block.training)
         x = hidden_states
         logits_dtype = self._logits_dtype(x)
-        layer.router.logits_in_float32 = logits_dtype == torch.float32
+        in_float32 = logits_dtype == torch.float32
+        if layer.router.logits_in_float32 != in_float32:  # nn.Module.__setattr__ is slow
+            layer.router.logits_in_float32 = in_float32
         if block.training:
             for owner, name in self.jitter:
                 amp = getattr(owner, name, None)
                 if amp:
                     x = x * torch.empty_like(x).uniform_(1.0 - amp, 1.0 + amp)
         y, info = layer(x)
-        x_TD = x.reshape(-1, x.shape[-1])
-        routed = self._router_output(x_TD, info, logits_dtype)
-        # The router's hooks (router_logits recording) see `routed`.
-        self.replay.replay(x_TD, routed)
+        returns = self.spec.returns
+        observed = _has_hooks(self.router)
+        if observed or returns != "hidden":
+            x_TD = x.reshape(-1, x.shape[-1])
+            routed = self._router_output(x_TD, info, logits_dtype)
+            if observed:  # the router's hooks (router_logits recording) see `routed`
+                self.replay.replay(x_TD, routed)
         if self.output_bias is not None:
             y = y + getattr(*self.output_bias)
         if self.average:
             y = y / 2
-        returns = self.spec.returns
         if returns == "hidden_and_weights":
             return y, routed[1]
         if returns == "flat_hidden_and_logits":
