@@ -192,7 +192,7 @@ FLINT = Routing("sigmoid", logits="float32", norm="norm_topk_prob")
 LFM2 = Routing("sigmoid", norm="norm_topk_prob", norm_eps=1e-6, scale="routed_scaling_factor",
                correction_bias="block.expert_bias", weights_out="logits")
 #: Phi-3.5-MoE: a Linear subclass as router, SparseMixer top-2 in the logits' dtype.
-PHIMOE = Routing("sparsemixer", weights_out="logits")
+PHIMOE = Routing("sparsemixer", weights_out="logits", selection="sparsemixer_sampling")
 #: DBRX: ``router.layer`` is the linear, K and the p-norm live on the block.
 DBRX = Routing("dbrx", weight="layer.weight", top_k="block.top_k",
                norm="block.moe_normalize_expert_weights", weights_out="logits", returns="logits")
