@@ -5,8 +5,14 @@ almost all per-op dispatch, not arithmetic. This times one Mixtral and one DeepS
 (hidden 32, expert width 16, 8 experts, top-2), original and ``smoe.hf.patch``-ed (the same
 object, patched and unpatched between rounds), for inference (no autograd) and training
 (forward + backward) at a few token counts. Candidates are interleaved in one process;
-each figure is the median over rounds of the per-call time, and the ratio is patched /
-original (below 1: the patched block is faster).
+each figure is the median over rounds of the per-call CPU time of this process
+(``time.process_time``: on a shared machine, wall time mostly measures the neighbours), and the
+ratio is patched / original (below 1: the patched block is faster). The aten operator count
+per call is a machine-independent proxy for the dispatch overhead.
+
+``--compile`` instead times ``torch.compile`` of a whole tiny Mixtral model, original and
+patched (float32, CPU, ``fullgraph=True``): the first call (compilation) and the compiled
+per-call time.
 
     python benchmarks/hf_overhead.py [--rounds 15] [--calls 200] [--write]
 
@@ -57,16 +63,16 @@ def time_calls(block: torch.nn.Module, x: torch.Tensor, train: bool, calls: int)
     """Seconds per call (forward, or forward + backward)."""
     if train:
         xg = x.clone().requires_grad_()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(calls):
             y = block(xg)
             (y[0] if isinstance(y, tuple) else y).sum().backward()
-        return (time.perf_counter() - t0) / calls
+        return (time.process_time() - t0) / calls
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(calls):
             block(x)
-        return (time.perf_counter() - t0) / calls
+        return (time.process_time() - t0) / calls
 
 
 def count_ops(block: torch.nn.Module, x: torch.Tensor, train: bool) -> int:
@@ -116,6 +122,51 @@ def measure(rounds: int, calls: int) -> list[tuple[str, str, int, float, float]]
     return rows
 
 
+def measure_compile(rounds: int, calls: int) -> list[tuple[str, float, float, float]]:
+    """(candidate, first-call seconds, compiled us per call, eager us per call)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", **{**BASE, "num_hidden_layers": 2,
+                                                **FAMILIES["mixtral"]})
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = []
+    for name in ("original", "patched"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        if name == "patched":
+            smoe.hf.patch(model)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            compiled(ids)
+            first = time.perf_counter() - t0
+            per_call = {}
+            for tag, fn in (("compiled", compiled), ("eager", model)):
+                samples = []
+                for _ in range(rounds):
+                    t0 = time.process_time()
+                    for _ in range(calls):
+                        fn(ids)
+                    samples.append((time.process_time() - t0) / calls)
+                per_call[tag] = statistics.median(samples)
+        out.append((name, first, per_call["compiled"], per_call["eager"]))
+        print(f"{name}: first call {first:.1f} s, compiled {per_call['compiled'] * 1e6:.0f} us, "
+              f"eager {per_call['eager'] * 1e6:.0f} us", flush=True)
+    return out
+
+
+def compile_table(rows, command: str) -> str:
+    lines = [f"`{command}` (torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+             "Mixtral, 2 layers, hidden 32, 8 experts top-2, batch 2 x 16 tokens, float32, "
+             "no autograd; first call = compilation, wall time; per-call CPU-time medians)", "",
+             "| model | first call (s) | compiled (us/call) | eager (us/call) |",
+             "|---|---|---|---|"]
+    for name, first, comp, eager in rows:
+        lines.append(f"| {name} | {first:.1f} | {comp * 1e6:.0f} | {eager * 1e6:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows, command: str) -> str:
     lines = [f"`{command}` (torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
              "per-call medians, ratio = patched / original)", "",
@@ -128,14 +179,17 @@ def table(rows, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(path: Path, text: str) -> None:
+def write(path: Path, text: str, compiled: bool = False) -> None:
+    start, end = (START, END) if not compiled else (START.replace("overhead", "compile"),
+                                                     END.replace("overhead", "compile"))
+    title = ("Patched transformers model under torch.compile" if compiled
+             else "Patched transformers block: per-call overhead")
     old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + START + "\n" + text + END + rest.split(END, 1)[1]
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + start + "\n" + text + end + rest.split(end, 1)[1]
     else:
-        new = old.rstrip("\n") + "\n\n## Patched transformers block: per-call overhead\n\n" + \
-            START + "\n" + text + END + "\n"
+        new = old.rstrip("\n") + f"\n\n## {title}\n\n" + start + "\n" + text + end + "\n"
     tmp = path.with_suffix(".md.tmp")
     with open(tmp, "w") as f:
         f.write(new)
@@ -149,17 +203,22 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile of a whole model instead")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    rows = measure(args.rounds, args.calls)
-    text = table(rows, "python " + " ".join(["benchmarks/hf_overhead.py"] + sys.argv[1:]))
+    command = "python " + " ".join(["benchmarks/hf_overhead.py"] + sys.argv[1:])
+    if args.compile:
+        text = compile_table(measure_compile(args.rounds, args.calls), command)
+    else:
+        text = table(measure(args.rounds, args.calls), command)
     print(text)
     if args.write:
-        write(ROOT / "BENCHMARKS.md", text)
+        write(ROOT / "BENCHMARKS.md", text, args.compile)
 
 
 if __name__ == "__main__":

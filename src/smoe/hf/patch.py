@@ -115,6 +115,19 @@ def _lookup(obj: Any, name: str) -> Any:
     return getattr(obj, name)
 
 
+def _store_of(obj: Any, name: str) -> dict:
+    """The dict that holds ``obj.name`` (instance dict, parameters or buffers); an empty dict
+    when it is computed (a property), so that the next call looks it up in full again."""
+    d = obj.__dict__
+    if name in d:
+        return d
+    for store in ("_parameters", "_buffers"):
+        tensors = d.get(store)
+        if tensors is not None and name in tensors:
+            return tensors
+    return {}
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run any forward hook (its own or a global one)."""
     from torch.nn.modules import module as module_mod
@@ -245,6 +258,7 @@ class _Patch:
             self.owned.append((layer, "load_since_update"))
         self.binds = binds
         self._sources: tuple[Any, ...] = ()
+        self._stores: list[tuple[dict, str]] = []
         self._bind()
         left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                 if t.is_meta and not router_weight.is_meta]
@@ -276,18 +290,29 @@ class _Patch:
 
     # -- running ----------------------------------------------------------------------------
     def _bind(self) -> None:
-        # Runs on every call: a tuple of the sources, compared by identity, skips the per-
-        # tensor work unless the model swapped a tensor (``to_empty``, ``model.to()`` on
-        # buffers, ``load_state_dict(assign=True)``). Parameters moved by ``model.to()`` keep
+        # Runs on every call, so the common case (nothing swapped) is one dict lookup and one
+        # identity test per tensor, in the dict where each source was found last time. The
+        # full rebind runs only when the model swapped a tensor (``to_empty``, ``model.to()``
+        # on buffers, ``load_state_dict(assign=True)``). Parameters moved by ``model.to()`` keep
         # their objects (their ``.data`` changes), so the layer sees the move anyway.
+        for (store, key), seen in zip(self._stores, self._sources):
+            if store.get(key) is not seen:
+                break
+        else:
+            if self._sources:
+                sources = self._sources
+                self._check_owned(sources[0].device)
+                return
         sources = tuple(_lookup(src, src_name) for _, _, src, src_name in self.binds)
-        if len(sources) != len(self._sources) or any(
-                a is not b for a, b in zip(sources, self._sources)):
-            for (dst, name, _, _), t in zip(self.binds, sources):
-                if getattr(dst, name) is not t:
-                    setattr(dst, name, t)
-            self._sources = sources
-        device = sources[0].device  # the router weight
+        for (dst, name, _, _), t in zip(self.binds, sources):
+            if getattr(dst, name) is not t:
+                setattr(dst, name, t)
+        self._sources = sources
+        self._stores = [(_store_of(src, src_name), src_name)
+                        for _, _, src, src_name in self.binds]
+        self._check_owned(sources[0].device)  # the router weight's device
+
+    def _check_owned(self, device: torch.device) -> None:
         for module, name in self.owned:
             t = getattr(module, name)
             if t.device != device:
