@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_mod
 from torch.overrides import TorchFunctionMode
 
 from smoe.config import MoEConfig
@@ -150,8 +151,6 @@ def _store_of(obj: Any, name: str) -> dict:
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run any forward hook (its own or a global one)."""
-    from torch.nn.modules import module as module_mod
-
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
