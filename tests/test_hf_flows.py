@@ -280,3 +280,26 @@ def test_set_experts_implementation_is_honoured():
     with pytest.raises(ValueError, match="experts_implementation='no_such_kernel' has no smoe "
                                          "equivalent"):
         model(ids)
+
+
+def test_patch_does_not_initialise_the_meta_layers():
+    """The smoe layers only view the model's tensors: building them runs no initialiser (meta
+    ``normal_`` goes through Python references at milliseconds a call, which made ``patch``
+    cost as much as building the tiny model). A mode below the patch's own sees any that
+    slips through."""
+    from torch.overrides import TorchFunctionMode
+
+    inits = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__module__", "") == "torch.nn.init" or func in (
+                    torch.Tensor.normal_, torch.Tensor.uniform_):
+                inits.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model = _model("deepseek_v3", **DEEPSEEK_V3_TESTER)
+    with Spy():
+        smoe.hf.patch(model)
+    assert inits == []
+    assert len(smoe.hf.patched_layers(model)) == 1
