@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Routing", "Block", "FAMILIES", "BLOCKS", "SUPPORTED_FAMILIES"]
+__all__ = ["Routing", "Block", "FAMILIES", "BLOCKS", "REFUSED", "SUPPORTED_FAMILIES"]
 
 RULES = ("softmax_topk", "topk_softmax", "sigmoid", "deepseek_v2", "sparsemixer", "dbrx",
          "llama4", "cohere2")
@@ -81,6 +81,10 @@ class Routing:
     correction_bias: path of the selection-only bias of ``sigmoid`` rules (``None``: zero).
     groups: read group-limited routing from ``num_group`` / ``topk_group``.
     returns: what the router returns, one of ``ROUTER_RETURNS``.
+    selection: a rule of :class:`smoe.hf.routers.HFRouter` (``softmax_bias``, ``logits_bias``)
+        that replaces how the experts are chosen; ``correction_bias`` is its bias.
+    softcap: path of a logit soft-capping constant (0 or ``None`` is off).
+    norm_min: path of the floor of the renormalising sum (``softmax_bias``).
     """
 
     rule: str
@@ -96,6 +100,9 @@ class Routing:
     correction_bias: str | None = None
     groups: bool = False
     returns: str = "logits_weights_indices"
+    selection: str | None = None
+    softcap: str | None = None
+    norm_min: str | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -185,10 +192,21 @@ FLINT = Routing("sigmoid", logits="float32", norm="norm_topk_prob")
 LFM2 = Routing("sigmoid", norm="norm_topk_prob", norm_eps=1e-6, scale="routed_scaling_factor",
                correction_bias="block.expert_bias", weights_out="logits")
 #: Phi-3.5-MoE: a Linear subclass as router, SparseMixer top-2 in the logits' dtype.
-PHIMOE = Routing("sparsemixer", weights_out="logits")
+PHIMOE = Routing("sparsemixer", weights_out="logits", selection="sparsemixer_sampling")
 #: DBRX: ``router.layer`` is the linear, K and the p-norm live on the block.
 DBRX = Routing("dbrx", weight="layer.weight", top_k="block.top_k",
                norm="block.moe_normalize_expert_weights", weights_out="logits", returns="logits")
+#: ERNIE-4.5-MoE: float32 softmax, selection bias added to the probabilities, sum floored.
+ERNIE = Routing("softmax_topk", logits="float32", weights_out="input", selection="softmax_bias",
+                correction_bias="moe_statics.e_score_correction_bias", norm_min="norm_min")
+#: Kolibri-1: float32 logits, top-K of logits + bias, sigmoid weights, ``norm_topk_prob``.
+KOLIBRI = Routing("sigmoid", logits="float32", norm="norm_topk_prob", norm_eps=0.0,
+                  correction_bias="e_score_correction_bias", selection="logits_bias")
+#: Laguna: logits in the input dtype, optional soft-capping, sigmoid + selection bias, always
+#: renormalised (no epsilon), the block's routed scaling.
+LAGUNA = Routing("sigmoid", logits_out="float32", norm_eps=0.0, weights_out="input",
+                 correction_bias="e_score_correction_bias", softcap="router_logit_softcapping",
+                 scale="block.routed_scaling_factor")
 #: Llama 4: sigmoid of the top-K logits, applied to the expert's input.
 LLAMA4 = Routing("llama4", weights_out="logits", returns="scores_logits")
 #: Cohere2-MoE: top-K logits, then softmax or normalised sigmoid (``expert_selection_fn``).
@@ -260,6 +278,9 @@ FAMILIES: dict[str, tuple[Block, ...]] = {
                      output_bias="block.bias"),),
     "dbrx": (Block("DbrxFFN", DBRX, router="router", layout="dbrx",
                    jitter=("moe_jitter_eps",)),),
+    "ernie4_5_moe": (Block("Ernie4_5_MoeSparseMoeBlock", ERNIE, shared="shared_experts"),),
+    "kolibri1": (Block("Kolibri1SparseMoeBlock", KOLIBRI, shared="shared_experts"),),
+    "laguna": (Block("LagunaSparseMoeBlock", LAGUNA, shared="shared_experts"),),
     "llama4_text": (Block("Llama4TextMoe", LLAMA4, router="router", layout="llama4",
                           shared="shared_expert", returns="flat_hidden_and_logits"),),
 }
@@ -269,6 +290,17 @@ FAMILIES["qwen3_5_moe"] = FAMILIES["qwen3_5_moe_text"]
 
 #: block class name -> its row.
 BLOCKS: dict[str, Block] = {b.name: b for blocks in FAMILIES.values() for b in blocks}
+
+#: Sparse MoE block classes smoe recognises but cannot run exactly: class name -> the missing
+#: feature. :func:`smoe.hf.patch` refuses a model containing one, naming it.
+REFUSED: dict[str, str] = {
+    "HYV4MoE": "its experts use a clamped SwiGLU without gpt-oss's alpha and +1 "
+               "(silu(min(gate, limit)) * clamp(up, -limit, limit)), which no smoe activation "
+               "computes",
+    "NemotronHMoE": "its experts are non-gated squared-ReLU MLPs (relu2), an activation smoe "
+                    "does not have, optionally behind latent down/up projections "
+                    "(moe_latent_size) that smoe's layer does not model",
+}
 
 #: The ``model_type`` of every family :func:`smoe.hf.patch` accepts.
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(FAMILIES))

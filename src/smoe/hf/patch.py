@@ -39,10 +39,31 @@ limits, the selection bias, biases and clamped SwiGLU of gpt-oss, weights on the
 for Llama 4. Input jitter that a block applies in training (Mixtral's ``router_jitter_noise``,
 Phi-3.5-MoE's ``input_jitter_noise``, DBRX's ``moe_jitter_eps``) is applied to the layer's input.
 
-Limits: Phi-3.5-MoE in training mode samples its experts (Gumbel) and uses a Heun-style gradient
-estimator; smoe's ``sparsemixer`` keeps the deterministic inference picks in training too, so a
-patched Phi-3.5-MoE trains differently (inference is identical). Hooks that replace a module's
-``forward`` themselves (accelerate's offloading) are not composed with.
+Flows besides a plain forward:
+
+* ``torch.compile`` (``fullgraph=True`` too): the grouped GEMM runs through the custom operator
+  of :mod:`smoe.nn.grouped_mm` while compiling (aten's compile-time rule rejects float32), the
+  router replay keeps its pending output on an attribute instead of a ContextVar (as
+  transformers' own ``CompileableContextVar`` does), and the decode shortcut, which reads
+  routing on the host, is skipped.
+* Built on the meta device, patched, then materialised (``to_empty`` and initialisation): the
+  layer rebinds the new tensors on its first call and creates the tensors it owns (a zero
+  selection bias, the load counter) as zeros on the weights' device.
+* ``model.set_experts_implementation(...)``: followed on the next call (``eager`` -> smoe's
+  ``loop``, ``grouped_mm`` -> ``grouped_mm``, ``batched_mm`` -> ``auto``); another name is
+  refused with a ``ValueError``.
+* Configs transformers accepts but smoe's own config would reject are computed as transformers
+  does (group-limited routing with top_k above the kept groups' experts, where the result is
+  well defined) or refused with the exact difference (see ``_sigmoid_groups``).
+* Phi-3.5-MoE in training samples its experts and uses SparseMixer's Heun gradient estimator,
+  drawing the same random numbers in the same order as the original
+  (:class:`smoe.hf.routers.HFRouter`): with the same seed a float32 model trains identically.
+* Families smoe recognises but cannot compute (:data:`smoe.hf.families.REFUSED`) are refused
+  naming the missing feature.
+
+Limits: hooks that replace a module's ``forward`` themselves (accelerate's offloading) are not
+composed with. The router replay is not thread-safe while compiling (transformers' recorder
+is not either).
 """
 
 from __future__ import annotations
@@ -52,10 +73,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_mod
+from torch.overrides import TorchFunctionMode
 
 from smoe.config import MoEConfig
 from smoe.hf.experts import SplitExperts
-from smoe.hf.families import BLOCKS, SUPPORTED_FAMILIES, Block
+from smoe.hf.blocks import (
+    _activation,
+    _experts,
+    _owner,
+    _read,
+    _routing,
+    experts_backend_for,
+)
+from smoe.hf.families import BLOCKS, REFUSED, SUPPORTED_FAMILIES, Block
+from smoe.hf.routers import HFRouter
 from smoe.nn.experts import DenseMLP
 from smoe.nn.moe import MoEInfo, MoELayer
 
@@ -73,128 +105,54 @@ def _require_transformers() -> None:
         raise ImportError("smoe.hf needs transformers: pip install smoe[hf]") from e
 
 
-# -- reading a block ------------------------------------------------------------------------
-def _owner(block: nn.Module, router: nn.Module, path: str) -> tuple[Any, str]:
-    """(object, attribute name) that a family path points at; see :mod:`smoe.hf.families`."""
-    obj: Any = router
-    if path.startswith("block."):
-        obj, path = block, path[len("block."):]
-    *parents, name = path.split(".")
-    for part in parents:
-        obj = getattr(obj, part)
-    return obj, name
+def _lookup(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)`` without ``nn.Module.__getattr__``'s slow path where possible."""
+    d = obj.__dict__
+    if name in d:
+        return d[name]
+    for store in ("_parameters", "_buffers"):
+        tensors = d.get(store)
+        if tensors is not None and name in tensors:
+            return tensors[name]
+    return getattr(obj, name)
 
 
-def _read(block: nn.Module, router: nn.Module, path: str) -> Any:
-    return getattr(*_owner(block, router, path))
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skip in-place initialisation of meta tensors while the layer is built: the layer only
+    views the model's tensors, and torch runs meta ``normal_`` through Python references at
+    a few milliseconds a call (most of ``patch``'s time on a small model)."""
+
+    _INIT = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_,
+                       torch.Tensor.fill_}
+                      | {getattr(nn.init, n) for n in dir(nn.init)
+                         if n.endswith("_") and not n.startswith("_")})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._INIT:
+            target = args[0] if args else kwargs.get("tensor")
+            if getattr(target, "is_meta", False):
+                return target
+        return func(*args, **kwargs)
 
 
-def _activation(act: Any) -> str:
-    """smoe's gated activation for a transformers activation module or function."""
-    name = getattr(act, "__name__", None) or type(act).__name__
-    if name in ("SiLUActivation", "SiLU", "silu"):
-        return "swiglu"
-    if name == "GELUActivation":
-        return "geglu"
-    if name == "GELUTanh" or (name == "GELU" and getattr(act, "approximate", "") == "tanh"):
-        return "geglu_tanh"
-    if name in ("GELU", "gelu"):
-        return "geglu"
-    raise ValueError(f"smoe.hf: the activation {name} has no smoe equivalent")
+def _store_of(obj: Any, name: str) -> dict:
+    """The dict that holds ``obj.name`` (instance dict, parameters or buffers); an empty dict
+    when it is computed (a property), so that the next call looks it up in full again."""
+    d = obj.__dict__
+    if name in d:
+        return d
+    for store in ("_parameters", "_buffers"):
+        tensors = d.get(store)
+        if tensors is not None and name in tensors:
+            return tensors
+    return {}
 
 
-def _experts(block: nn.Module, spec: Block) -> dict[str, Any]:
-    """Sizes, activation and (smoe name, source module, source name) tensor bindings."""
-    src = getattr(block, spec.experts) if spec.experts else block
-    out: dict[str, Any] = {"transposed": False, "interleaved": False, "split": False,
-                           "alpha": None, "limit": None, "expert_bias": False}
-    if spec.layout == "dbrx":
-        mlp = src.mlp
-        out.update(E=src.num_experts, F=src.ffn_hidden_size, D=src.hidden_size,
-                   activation=_activation(mlp.activation_fn), split=True, transposed=True,
-                   binds=[("gate_proj", mlp, "w1"), ("up_proj", mlp, "v1"),
-                          ("down_proj", mlp, "w2")])
-        return out
-    if spec.layout == "jetmoe":
-        w_in, w_down = src.input_linear.weight, src.output_linear.weight
-        binds = [("gate_up_proj", src.input_linear, "weight"),
-                 ("down_proj", src.output_linear, "weight")]
-        act = src.activation
-    else:
-        w_in, w_down = src.gate_up_proj, src.down_proj
-        binds = [("gate_up_proj", src, "gate_up_proj"), ("down_proj", src, "down_proj")]
-        act = getattr(src, "act_fn", None)
-    if spec.layout in ("gpt_oss", "llama4"):
-        E, D, two_f = w_in.shape
-        expected_down = (E, two_f // 2, D)
-        out["transposed"] = True
-    else:
-        E, two_f, D = w_in.shape
-        expected_down = (E, D, two_f // 2)
-    if tuple(w_down.shape) != expected_down:
-        raise ValueError(f"smoe.hf: {type(block).__name__} has down_proj {tuple(w_down.shape)}, "
-                         f"expected {expected_down}")
-    if spec.layout == "gpt_oss":
-        out.update(activation="swiglu_oai", alpha=float(src.alpha), limit=float(src.limit),
-                   interleaved=True)
-    else:
-        out["activation"] = _activation(act)
-    bias_in = getattr(src, "gate_up_proj_bias", None)
-    if bias_in is not None:
-        binds += [("gate_up_proj_bias", src, "gate_up_proj_bias"),
-                  ("down_proj_bias", src, "down_proj_bias")]
-    out.update(E=E, F=two_f // 2, D=D, binds=binds, expert_bias=bias_in is not None)
-    return out
-
-
-def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]:
-    """MoEConfig fields of the block's router, read from the loaded modules."""
-    r = spec.routing
-    name = type(block).__name__
-    top_k = int(_read(block, router, r.top_k))
-    norm = r.norm if isinstance(r.norm, bool) else _read(block, router, r.norm)
-    scale = (float(r.scale) if isinstance(r.scale, (int, float))
-             else float(_read(block, router, r.scale)))
-    kw: dict[str, Any] = dict(top_k=top_k, routed_scaling_factor=scale,
-                              router_bias=r.bias is not None)
-    # Rules that are another rule with settings read from the module.
-    rule = r.rule
-    if rule == "cohere2":
-        fn = router.expert_selection_fn
-        if fn not in ("softmax", "sigmoid"):
-            raise ValueError(f"smoe.hf: {name} expert_selection_fn={fn!r} is not supported")
-        rule = "topk_softmax" if fn == "softmax" else "sigmoid"
-    elif rule == "dbrx":  # norm is the p of a p-norm; the weights are positive, so p=1 is a sum
-        if norm is not None and float(norm) != 1.0:
-            raise ValueError(f"smoe.hf: {name} moe_normalize_expert_weights={norm} (a p-norm "
-                             "with p != 1) has no smoe equivalent; only None or 1 are supported")
-        norm, rule = norm is not None, "softmax_topk"
-    elif rule == "deepseek_v2":
-        method = router.topk_method
-        if method == "group_limited_greedy":
-            kw.update(n_groups=int(router.num_group), topk_groups=int(router.topk_group),
-                      group_score="max")
-        elif method != "greedy":
-            raise ValueError(f"smoe.hf: {name} topk_method={method!r} is not supported")
-        rule = "softmax_topk"
-    kw["norm_topk_prob"] = norm = bool(norm)
-
-    if rule == "softmax_topk":
-        # A renormalised top-1 weight is exactly 1: a softmax over the one chosen logit.
-        kw["router"] = "topk_softmax" if norm and top_k == 1 else "softmax_topk"
-    elif rule == "topk_softmax":
-        kw["router"] = "topk_softmax"
-    elif rule in ("sigmoid", "llama4"):
-        kw.update(router="sigmoid_bias", norm_topk_eps=r.norm_eps)
-        if r.groups:
-            kw.update(n_groups=int(router.num_group), topk_groups=int(router.topk_group))
-        if rule == "llama4":
-            kw.update(norm_topk_prob=False, weights_on_input=True)
-    elif rule == "sparsemixer":
-        # transformers' sparsemixer is always top-2, whatever num_experts_per_tok says.
-        kw.update(router="sparsemixer", top_k=2,
-                  sparsemixer_jitter_eps=float(router.router_jitter_noise))
-    return kw
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run any forward hook (its own or a global one)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 # -- one patched block ----------------------------------------------------------------------
@@ -205,12 +163,34 @@ class _RouterReplay:
     def __init__(self, router: nn.Module, forward: Any) -> None:
         self.router = router
         self.forward = forward
+        # torch.compile cannot trace a ContextVar: while compiling, the pending output is kept
+        # here instead (as transformers' own CompileableContextVar does; not thread-safe there).
+        self.pending: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pending is not None:
+            return self.pending
+        if torch.compiler.is_compiling():
+            return self.forward(*args, **kwargs)
         replay = _REPLAY.get()
         if replay is not None and replay[0] is self.router:
             return replay[1]
         return self.forward(*args, **kwargs)
+
+    def replay(self, x_TD: torch.Tensor, routed: Any) -> None:
+        """Call the router module (so its hooks fire) with its output replaced by ``routed``."""
+        if torch.compiler.is_compiling():
+            self.pending = routed
+            try:
+                self.router(x_TD)
+            finally:
+                self.pending = None
+            return
+        token = _REPLAY.set((self.router, routed))
+        try:
+            self.router(x_TD)
+        finally:
+            _REPLAY.reset(token)
 
 
 class _Patch:
@@ -243,16 +223,28 @@ class _Patch:
         cfg = MoEConfig(hidden_size=ex["D"], expert_size=ex["F"], num_experts=ex["E"],
                         activation=ex["activation"], expert_bias=ex["expert_bias"],
                         aux_loss_coef=0.0, z_loss_coef=0.0, **kw, **extra)
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInitOnMeta():
             layer = MoELayer(cfg, backend=backend)
             if ex["split"]:
                 layer.experts = SplitExperts(cfg, backend=backend)
             if shared_bias:
                 layer.shared_experts = DenseMLP(cfg.hidden_size, cfg.shared_size, cfg.activation,
                                                 bias=True)
+            if r.selection or r.softcap:
+                softcap = float(_read(block, router, r.softcap) or 0.0) if r.softcap else 0.0
+                norm_min = float(_read(block, router, r.norm_min)) if r.norm_min else 0.0
+                layer.router = HFRouter(cfg, selection=r.selection, softcap=softcap,
+                                        norm_min=norm_min)
         layer.experts.transposed = ex["transposed"]
         layer.experts.interleaved = ex["interleaved"]
         self.layer = layer
+        # transformers' experts-implementation setting (``model.set_experts_implementation``),
+        # read by decorated experts classes from their config on every call: followed here.
+        experts_module = getattr(block, spec.experts) if spec.experts else block
+        impl_config = getattr(experts_module, "config", None)
+        self.impl_config = (impl_config if hasattr(impl_config, "_experts_implementation")
+                            else None)
+        self.impl_seen = self._implementation()
 
         # (smoe module, name, source object, source name): re-checked on every forward.
         binds = [(layer.router, "weight", *self.weight_owner)]
@@ -272,17 +264,20 @@ class _Patch:
         # here and follow the router weight's device.
         self.owned: list[tuple[nn.Module, str]] = []
         device = router_weight.device
-        if cfg.router == "sigmoid_bias":
+        if cfg.router == "sigmoid_bias" or r.selection in ("softmax_bias", "logits_bias"):
             owner = (_owner(block, router, r.correction_bias) if r.correction_bias else None)
             if owner is not None and getattr(owner[0], owner[1], None) is not None:
                 binds.append((layer.router, "expert_bias", *owner))
             else:
                 layer.router.expert_bias = torch.zeros(cfg.num_experts, device=device)
                 self.owned.append((layer.router, "expert_bias"))
+        if cfg.router == "sigmoid_bias":
             layer.load_since_update = torch.zeros(cfg.num_experts, dtype=torch.long,
                                                   device=device)
             self.owned.append((layer, "load_since_update"))
         self.binds = binds
+        self._sources: tuple[Any, ...] = ()
+        self._stores: list[tuple[dict, str]] = []
         self._bind()
         left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
                 if t.is_meta and not router_weight.is_meta]
@@ -300,7 +295,8 @@ class _Patch:
         block, router = self.block, self.router
         self._saved = {"block": block.__dict__.get("forward"),
                        "router": router.__dict__.get("forward")}
-        router.forward = _RouterReplay(router, router.forward)
+        self.replay = _RouterReplay(router, router.forward)
+        router.forward = self.replay
         block.forward = self.forward
         setattr(block, _ATTR, self)
 
@@ -313,15 +309,45 @@ class _Patch:
 
     # -- running ----------------------------------------------------------------------------
     def _bind(self) -> None:
-        for dst, name, src, src_name in self.binds:
-            t = getattr(src, src_name)
+        # Runs on every call, so the common case (nothing swapped) is one dict lookup and one
+        # identity test per tensor, in the dict where each source was found last time. The
+        # full rebind runs only when the model swapped a tensor (``to_empty``, ``model.to()``
+        # on buffers, ``load_state_dict(assign=True)``). Parameters moved by ``model.to()`` keep
+        # their objects (their ``.data`` changes), so the layer sees the move anyway.
+        for (store, key), seen in zip(self._stores, self._sources):
+            if store.get(key) is not seen:
+                break
+        else:
+            if self._sources:
+                sources = self._sources
+                self._check_owned(sources[0].device)
+                return
+        sources = tuple(_lookup(src, src_name) for _, _, src, src_name in self.binds)
+        for (dst, name, _, _), t in zip(self.binds, sources):
             if getattr(dst, name) is not t:
                 setattr(dst, name, t)
-        device = getattr(*self.weight_owner).device
+        self._sources = sources
+        self._stores = [(_store_of(src, src_name), src_name)
+                        for _, _, src, src_name in self.binds]
+        self._check_owned(sources[0].device)  # the router weight's device
+
+    def _check_owned(self, device: torch.device) -> None:
         for module, name in self.owned:
             t = getattr(module, name)
             if t.device != device:
-                setattr(module, name, t.to(device))
+                # Owned tensors start as zeros (no selection bias, no load yet). A model built
+                # on the meta device and materialised later (``to_empty`` + init, as
+                # low-memory loading and FSDP do) has no data to copy: start from zeros there.
+                t = (torch.zeros(t.shape, dtype=t.dtype, device=device) if t.is_meta
+                     else t.to(device))
+                setattr(module, name, t)
+
+    def _implementation(self) -> str | None:
+        # The instance dict, not the property: transformers configs have a slow
+        # __getattribute__, and this runs on every call.
+        if self.impl_config is None:
+            return None
+        return vars(self.impl_config).get("_experts_implementation_internal")
 
     def _logits_dtype(self, x: torch.Tensor) -> torch.dtype:
         """dtype of the router linear in the original model."""
@@ -336,29 +362,34 @@ class _Patch:
         """The block's ``forward`` while patched: same argument, same return value."""
         block, layer = self.block, self.layer
         self._bind()
+        impl = self._implementation()
+        if impl != self.impl_seen:
+            layer.experts.backend = experts_backend_for(impl)
+            self.impl_seen = impl
         if layer.training != block.training:
             layer.train(block.training)
         x = hidden_states
         logits_dtype = self._logits_dtype(x)
-        layer.router.logits_in_float32 = logits_dtype == torch.float32
+        in_float32 = logits_dtype == torch.float32
+        if layer.router.logits_in_float32 != in_float32:  # nn.Module.__setattr__ is slow
+            layer.router.logits_in_float32 = in_float32
         if block.training:
             for owner, name in self.jitter:
                 amp = getattr(owner, name, None)
                 if amp:
                     x = x * torch.empty_like(x).uniform_(1.0 - amp, 1.0 + amp)
         y, info = layer(x)
-        x_TD = x.reshape(-1, x.shape[-1])
-        routed = self._router_output(x_TD, info, logits_dtype)
-        token = _REPLAY.set((self.router, routed))
-        try:
-            self.router(x_TD)  # the router's hooks (router_logits recording) see `routed`
-        finally:
-            _REPLAY.reset(token)
+        returns = self.spec.returns
+        observed = _has_hooks(self.router)
+        if observed or returns != "hidden":
+            x_TD = x.reshape(-1, x.shape[-1])
+            routed = self._router_output(x_TD, info, logits_dtype)
+            if observed:  # the router's hooks (router_logits recording) see `routed`
+                self.replay.replay(x_TD, routed)
         if self.output_bias is not None:
             y = y + getattr(*self.output_bias)
         if self.average:
             y = y / 2
-        returns = self.spec.returns
         if returns == "hidden_and_weights":
             return y, routed[1]
         if returns == "flat_hidden_and_logits":
@@ -402,6 +433,10 @@ def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     _require_transformers()
     if is_patched(model):
         raise ValueError("smoe.hf.patch: the model is already patched; call unpatch first")
+    for m in model.modules():
+        reason = REFUSED.get(type(m).__name__)
+        if reason is not None:
+            raise ValueError(f"smoe.hf.patch: {type(m).__name__} cannot run on smoe: {reason}")
     found = [(m, BLOCKS[type(m).__name__]) for m in model.modules()
              if type(m).__name__ in BLOCKS]
     if not found:

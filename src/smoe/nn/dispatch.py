@@ -227,7 +227,9 @@ class LocalDispatcher:
                          capacity: int | None) -> bool:
         return (self.decode_shortcut and x_TD.shape[0] <= self.decode_max_tokens
                 and route.token_choice and capacity is None and not torch.is_grad_enabled()
-                and x_TD.device.type == "cpu")
+                and x_TD.device.type == "cpu"
+                # host reads (.tolist()) would break a compiled graph; the sorted path compiles
+                and not torch.compiler.is_compiling())
 
     @staticmethod
     def decode(x_TD: torch.Tensor, route: RouterOutput, experts: nn.Module, *,

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import GATED_ACTIVATIONS, MoEConfig
+from smoe.nn.grouped_mm import grouped_mm
 
 __all__ = ["ExpertsBase", "Experts", "StackedWeights", "ExpertsBackend", "EXPERTS_BACKENDS",
            "register_experts_backend", "DenseMLP", "activate", "gated_activation", "BACKENDS",
@@ -198,9 +199,9 @@ class ExpertsBackend:
 def _run_grouped_mm(w: StackedWeights, x_AD: torch.Tensor, counts_E: torch.Tensor,
                     expert_A: torch.Tensor | None, act: ActivationFn) -> torch.Tensor:
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    h = F.grouped_mm(x_AD, w.w_in, offs=offs_E)
+    h = grouped_mm(x_AD, w.w_in, offs_E)
     h = add_bias(h, w.b_in, expert_A)
-    y = F.grouped_mm(act(h), w.w_down, offs=offs_E)
+    y = grouped_mm(act(h), w.w_down, offs_E)
     return add_bias(y, w.b_down, expert_A)
 
 
