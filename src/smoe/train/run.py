@@ -455,6 +455,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
     run_cfg, folder, state, model_cfg = latest_checkpoint(run_dir)
     with torch.device("meta"):
         model = SMoETransformer(model_cfg)
+    if "quantization" in run_cfg:  # swap in empty quantized modules: no float experts made
+        from smoe.inference.quantize import prepare_quantized
+
+        prepare_quantized(model, run_cfg["quantization"])
     model.load_state_dict(load_model_weights(folder, device), strict=True, assign=True)
     model.eval()
     return LoadedRun(run_dir, model, load_tokenizer(run_dir), run_cfg, int(state["step"]))
