@@ -314,7 +314,7 @@ def float_run(tmp_path_factory):
     os.environ.setdefault("SMOE_CACHE_DIR", str(root / "cache"))
     run = root / "run"
     rc = cli_main(["train", "--out", str(run), "--data", str(root / "data"), "--preset",
-                   "tiny-moe", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                   "tiny-moe", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
                    "--eval-every", "0", "--eval-batches", "1", "--no-progress"])
     assert rc == 0
     return run
