@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from smoe.config import MoEConfig
-from smoe.nn.experts import Experts, activate
+from smoe.nn.experts import Experts, ExpertsBase, activate
 
 __all__ = ["QuantizedExperts", "Int8Experts", "Int4Experts", "Bf16Experts", "Int8Linear",
            "EXPERT_SCHEMES", "GROUP_SIZES", "quantize_int8", "quantize_int4",
@@ -124,13 +124,15 @@ def _source_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, boo
     if hasattr(experts, "split_weights"):            # smoe.hf.experts.SplitExperts (DBRX)
         w_gate, w_up, w_down = experts.split_weights()
         return torch.cat([w_gate, w_up], 2).transpose(1, 2), w_down.transpose(1, 2), False
-    w_in, w_down = experts.weights_in_out()
-    return w_in.transpose(1, 2), w_down.transpose(1, 2), bool(getattr(experts, "interleaved",
-                                                                      False))
+    if not hasattr(experts, "stacked_weights"):
+        raise ValueError(f"cannot quantize {type(experts).__name__}: it exposes no stacked "
+                         "weights (already quantized or offloaded?)")
+    w = experts.stacked_weights()
+    return w.w_in.transpose(1, 2), w.w_down.transpose(1, 2), w.interleaved
 
 
 # -- experts ------------------------------------------------------------------------------
-class QuantizedExperts(nn.Module):
+class QuantizedExperts(ExpertsBase):
     """Base of the quantized experts: the experts protocol (``forward`` over expert-sorted rows
     with counts, ``expert_forward`` for one expert, ``num_experts``, ``config``) on top of one
     per-expert matmul that each scheme provides. Inference only."""
@@ -139,9 +141,7 @@ class QuantizedExperts(nn.Module):
     PROJS = ("in", "down")
 
     def __init__(self, config: MoEConfig, *, interleaved: bool = False) -> None:
-        super().__init__()
-        self.config = config
-        self.num_experts = config.num_experts
+        super().__init__(config)
         self.in_name = "gate_up_proj" if config.gated else "up_proj"
         self.interleaved = interleaved
         E, D, Fw = config.num_experts, config.hidden_size, config.expert_size
@@ -233,17 +233,6 @@ class QuantizedExperts(nn.Module):
                 parts.append(self.expert_forward(x_AD[start:start + n], e))
                 start += n
         return torch.cat(parts) if parts else x_AD.new_zeros(x_AD.shape)
-
-    def forward_decode(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
-                       weights_TK: torch.Tensor, weighted: bool = True) -> torch.Tensor:
-        """The layer's few-token decode path: (token, expert) pairs through ``expert_forward``."""
-        out_TD = torch.zeros_like(x_TD)
-        for t, (row_e, row_w) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
-            x_1D = x_TD[t:t + 1]
-            for e, w in zip(row_e, row_w):
-                y = self.expert_forward(x_1D if weighted else x_1D * w, e)
-                out_TD[t:t + 1].add_(y, alpha=w if weighted else 1.0)
-        return out_TD
 
     def extra_repr(self) -> str:
         c = self.config
