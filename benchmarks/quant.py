@@ -90,7 +90,8 @@ def kernels(rounds: int) -> list[str]:
     lines = ["| kernel (x [1, 1024] @ W [4096, 1024]^T) | us per call | GB/s of weights | "
              "speed-up vs fp32 |", "|---|---|---|---|"]
     for n, t in med.items():
-        b = bytes_per.get(n, 0.5 + (4 / int(n.split("g")[1].split(",")[0])))
+        # int4: half a byte per weight plus a bf16 (scale, zero) pair per group
+        b = bytes_per[n] if n in bytes_per else 0.5 + 4 / int(n.split(" g")[1].split(",")[0])
         lines.append(f"| {n} | {t / M * 1e6:.0f} | {N * K * b * M / t / 1e9:.1f} | "
                      f"{base / t:.2f}x |")
     return lines

@@ -48,7 +48,7 @@ from torch import nn
 from smoe.nn.experts import ExpertsBase
 
 __all__ = ["offload", "ExpertOffloader", "OffloadedExperts", "POLICIES", "belady_hit_rate",
-           "simulate_hit_rate", "check_store", "drop_page_cache"]
+           "simulate_hit_rate", "check_store", "drop_page_cache", "write_stats_json"]
 
 POLICIES = ("lru", "lfu", "predict")
 
@@ -430,6 +430,25 @@ def offload(model: nn.Module, budget: float = 0.5, policy: str = "predict",
         layer.experts = OffloadedExperts(layer.experts, i, off)
     off.attach()
     return off
+
+
+def write_stats_json(path: str | Path, stats: dict[str, Any]) -> Path:
+    """Write ``stats`` as JSON atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # -- offline policies on a recorded trace -------------------------------------------------------
