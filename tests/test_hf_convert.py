@@ -63,6 +63,12 @@ CASES = {
                                                       norm_topk_prob=False)), "glm4_moe"),
     "mixtral_topk_softmax": (config(moe=moe(router="topk_softmax"), tie_embeddings=True),
                              "mixtral"),
+    # gpt-oss: clamped SwiGLU (a limit low enough to clamp), expert and router biases
+    "gpt_oss": (config(moe=moe(router="topk_softmax", activation="swiglu_oai", expert_bias=True,
+                               router_bias=True, activation_limit=0.5, activation_alpha=1.5)),
+                "gpt_oss"),
+    "gpt_oss_no_biases": (config(moe=moe(activation="swiglu_oai"), tie_embeddings=True),
+                          "gpt_oss"),
 }
 
 
@@ -77,6 +83,10 @@ def build(cfg: ModelConfig, seed: int = 0) -> SMoETransformer:
         for _, layer in model.moe_layers():
             if layer.router.expert_bias is not None:
                 layer.router.expert_bias.normal_(std=0.05)
+            for b in (layer.router.bias, layer.experts.in_proj_bias,
+                      layer.experts.down_proj_bias):
+                if b is not None:
+                    b.normal_(std=0.1)
     return model
 
 
@@ -107,6 +117,21 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def load_run_weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the CLI, expecting exit 2 and one error line (transformers may warn before it)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"smoe {argv[0]}: error:")]
+    assert len(lines) == 1 and err.endswith(lines[0] + "\n") and "Traceback" not in err
+    return lines[0]
+
+
+def nothing_written(tmp_path, out="run") -> bool:
+    return not (tmp_path / out).exists() and not any(
+        p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 # -- export -> transformers -> import ---------------------------------------------------------
@@ -186,6 +211,10 @@ def hf_model(family: str):
             first_k_dense_replace=1, use_qk_norm=True, partial_rotary_factor=1.0,
             num_nextn_predict_layers=0, **common),
         "llama": lambda: transformers.LlamaConfig(intermediate_size=48, **common),
+        # what smoe can run: every layer full attention (no sinks are set below)
+        "gpt_oss": lambda: transformers.GptOssConfig(
+            intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention"] * 3, swiglu_limit=1.0, **common),
     }
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(kinds[family]()).eval()
@@ -195,13 +224,18 @@ def hf_model(family: str):
                 p.add_(torch.randn_like(p) * 0.2)
             if name.endswith("_proj.bias"):  # smoe's attention has no biases
                 p.zero_()
+            if name.endswith(("_proj_bias", "router.bias")):
+                p.normal_(std=0.1)
+            if name.endswith("self_attn.sinks"):  # -inf: no sink, smoe's attention
+                p.fill_(float("-inf"))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.05)
     return model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "llama"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "llama",
+                                    "gpt_oss"])
 def test_hf_model_survives_import_and_export(tmp_path, family):
     hf = hf_model(family)
     shard = "20KB" if family == "mixtral" else None  # shards + index on the way in
@@ -228,15 +262,35 @@ def test_hf_model_survives_import_and_export(tmp_path, family):
     assert redone["model_type"] == family
 
 
-def test_bf16_weights_become_float32_unless_kept(tmp_path):
-    hf = hf_model("qwen3_moe").to(torch.bfloat16)
+def test_import_keeps_the_checkpoint_dtype_unless_told(tmp_path, capsys):
+    """bf16 on disk stays bf16 (float32 buffers such as the selection bias stay float32);
+    --dtype float32 casts; the run records its dtype and runs as it is stored."""
+    hf = hf_model("glm4_moe").to(torch.bfloat16)
     hf.save_pretrained(str(tmp_path / "hf"))
-    import_hf(tmp_path / "hf", tmp_path / "f32")
-    import_hf(tmp_path / "hf", tmp_path / "kept", dtype=None)
-    f32, kept = load_run_weights(tmp_path / "f32"), load_run_weights(tmp_path / "kept")
-    key = "layers.1.ffn.experts.gate_up_proj"
-    assert f32[key].dtype == torch.float32 and kept[key].dtype == torch.bfloat16
-    assert torch.equal(f32[key], kept[key].float())
+    kept = import_hf(tmp_path / "hf", tmp_path / "kept")
+    f32 = import_hf(tmp_path / "hf", tmp_path / "f32", dtype="float32")
+    assert (kept.dtype, f32.dtype) == (torch.bfloat16, torch.float32)
+    w_kept, w_f32 = load_run_weights(tmp_path / "kept"), load_run_weights(tmp_path / "f32")
+    key, bias = "layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.router.expert_bias"
+    assert w_kept[key].dtype == torch.bfloat16 and w_f32[key].dtype == torch.float32
+    assert w_kept[bias].dtype == torch.float32
+    assert all(torch.equal(w_f32[k], v.float()) for k, v in w_kept.items())
+    for run, name in (("kept", "bfloat16"), ("f32", "float32")):
+        assert json.loads((tmp_path / run / "config.json").read_text())["dtype"] == name
+    with torch.device("meta"):
+        model = SMoETransformer(kept.config)
+    model.load_state_dict(w_kept, assign=True)
+    assert model.embed.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens()).logits.float()).all()
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "cli")]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    assert load_run_weights(tmp_path / "cli")[key].dtype == torch.bfloat16
+    # without a dtype in config.json: the dtype holding most bytes (read from the headers)
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k not in ("dtype", "torch_dtype")}))
+    assert import_hf(tmp_path / "hf", tmp_path / "guessed").dtype == torch.bfloat16
 
 
 def test_fused_expert_layout_is_read_too(tmp_path):

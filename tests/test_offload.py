@@ -195,3 +195,48 @@ def test_bad_input(tmp_path):
         offload(fresh, budget=1e-9)
     assert [type(layer.experts) for _, layer in fresh.moe_layers()] == kinds
     assert copy.deepcopy(fresh) is not None
+
+
+# -- the command ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    import random
+
+    from smoe.cli import main as cli_main
+
+    root = tmp_path_factory.mktemp("orun")
+    rng = random.Random(1)
+    words = "the house letter garden sister morning walk said quiet long evening".split()
+    (root / "data").mkdir()
+    (root / "data" / "prose.txt").write_text(
+        "\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(400)),
+        encoding="utf-8")
+    os.environ.setdefault("SMOE_CACHE_DIR", str(root / "cache"))
+    run = root / "run"
+    assert cli_main(["train", "--out", str(run), "--data", str(root / "data"), "--preset",
+                     "tiny-moe", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+                     "--eval-every", "0", "--eval-batches", "1", "--no-progress"]) == 0
+    return run
+
+
+def test_generate_with_offload_prints_the_same_text(trained_run, tmp_path, capsys):
+    import json
+
+    from smoe.cli import main as cli_main
+
+    args = ["generate", str(trained_run), "--prompt", "the garden", "--max-new-tokens", "16",
+            "--temperature", "0", "--no-stream", "--threads", "1"]
+    assert cli_main(args) == 0
+    want = capsys.readouterr().out
+    stats = tmp_path / "stats.json"
+    store = tmp_path / "store.safetensors"
+    assert cli_main(args + ["--offload", "0.5", "--offload-policy", "predict", "--stats-json",
+                            str(stats), "--offload-store", str(store)]) == 0
+    assert capsys.readouterr().out == want
+    s = json.loads(stats.read_text())
+    for key in ("hit_rate", "bytes_moved_per_token", "prefetch_precision", "prefetch_recall",
+                "stall_s", "tokens_per_s"):
+        assert key in s, key
+    assert 0 <= s["hit_rate"] <= 1 and s["accesses"] > 0
+    assert cli_main(args + ["--offload", "1.5"]) == 2
+    assert "--offload 1.5 must be a fraction" in capsys.readouterr().err

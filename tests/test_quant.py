@@ -336,7 +336,7 @@ def test_quantize_command_writes_a_run_that_generate_and_eval_read(float_run, tm
     assert not any(k.endswith("experts.gate_up_proj") for k in keys)  # no float experts
     # Loading builds on meta and swaps the modules: the packed tensors, never float experts.
     from smoe.inference.quantize import load_quantized
-    from smoe.train.run import load_run
+    from smoe.runs import load_run
 
     run_q = load_quantized(out)
     assert isinstance(run_q.model.layers[0].ffn.experts, Int4Experts)

@@ -8,19 +8,25 @@
 (float32: within 1e-5). Export needs only torch and safetensors; import reads the config with
 transformers (its defaults) and the tensors with safetensors, never with pickle.
 
-Which architecture, and how the config is mapped: :mod:`smoe.hf.formats` (:func:`hf_format_for`,
-:func:`model_config_from_hf`), re-exported here. This module holds the rest: export and import,
+Which architecture, and how the config is mapped: :mod:`smoe.hf.formats` (:func:`hf_format_for`)
+and :mod:`smoe.hf.import_config` (:func:`model_config_from_hf`), re-exported here. This module holds the rest: export and import,
 the safetensors files, and what ``smoe export``/``smoe import`` print.
 
 Writes are atomic: everything goes into a temporary folder beside ``out_dir``, renamed at the
-end. ``out_dir`` must not exist or be empty.
+end. ``out_dir`` must not exist or be empty. Bad input (a damaged or truncated safetensors file,
+an index naming missing shards, a config.json that is not JSON or does not match the weights, a
+broken tokenizer.json, an unknown ``model_type``) is one ``ValueError`` (``FileNotFoundError`` /
+``FileExistsError`` for missing or occupied folders) naming the file and the problem, and leaves
+nothing on disk (:mod:`smoe.hf.files`).
+
+Import keeps the checkpoint's dtype (config.json's ``dtype``, else the dtype holding most bytes;
+every floating tensor is cast to it except float32 buffers such as the selection bias) unless
+``dtype`` asks for another; the run's config.json records it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,8 +36,12 @@ from typing import Any
 import torch
 
 from smoe.config import ModelConfig
+from smoe.hf.files import (HFTensors, abandon_output, begin_output, check_output,
+                           finish_output, read_json, read_safetensors, write_error,
+                           write_safetensors)
 from smoe.hf.formats import (_SMOE_KEY, EXPORT_FAMILIES, IMPORT_FAMILIES, HFFormat,
-                             _key_context, hf_format_for, model_config_from_hf)
+                             _key_context, hf_format_for)
+from smoe.hf.import_config import _one_line, mla_refusal, model_config_from_hf, unknown_family
 from smoe.hf.keymaps import from_hf, to_hf
 from smoe.hf.tokenizer import export_tokenizer, import_tokenizer
 
@@ -63,140 +73,42 @@ class ImportResult:
     num_params: int
     tokenizer: str | None
     used_smoe_config: bool
+    dtype: torch.dtype = torch.float32
     notes: list[str] = field(default_factory=list)
 
 
 
-# -- files ------------------------------------------------------------------------------------
-def _check_out(out_dir: Path) -> None:
-    """``out_dir`` must be missing or an empty folder (checked first, and again at the end)."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{str(out_dir)!r} exists and is not a folder: choose another "
-                                  "output folder")
-        if any(out_dir.iterdir()):
-            raise FileExistsError(f"{str(out_dir)!r} is not empty: nothing was written; choose a "
-                                  "new or empty output folder")
-
-
-def _begin(out_dir: Path) -> Path:
-    """A fresh temporary folder beside ``out_dir`` (which must be missing or empty)."""
-    _check_out(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
-def _finish(tmp: Path, out_dir: Path) -> None:
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if out_dir.exists():
-        try:
-            out_dir.rmdir()
-        except OSError:
-            raise FileExistsError(f"{str(out_dir)!r} was filled while writing: the result is "
-                                  f"left in {str(tmp)!r}") from None
-    os.rename(tmp, out_dir)
-
-
-def _write_safetensors(items, tmp: Path, max_shard_bytes: int) -> tuple[list[str], int, int]:
-    """Write (key, tensor) pairs as ``model.safetensors``, or as shards with an index."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = count = total = 0
-    names: list[str] = []
-
-    def flush() -> None:
-        name = f"shard-{len(names):05d}.tmp"
-        save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
-        names.append(name)
-        shards[-1] = {}
-
-    weight_map: dict[str, int] = {}
-    for key, value in items:
-        nbytes = value.numel() * value.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        shards[-1][key] = value
-        weight_map[key] = len(names)
-        size += nbytes
-        total += nbytes
-        count += 1
-    if shards[-1] or not names:
-        flush()
-    if len(names) == 1:
-        os.rename(tmp / names[0], tmp / "model.safetensors")
-        return ["model.safetensors"], count, total
-    final = [f"model-{k + 1:05d}-of-{len(names):05d}.safetensors" for k in range(len(names))]
-    for old, new in zip(names, final):
-        os.rename(tmp / old, tmp / new)
-    index = {"metadata": {"total_size": total},
-             "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n",
-                                                      encoding="utf-8")
-    return final + ["model.safetensors.index.json"], count, total
-
-
-class _HFTensors:
-    """The tensors of an HF folder (``model.safetensors`` or shards with an index), read
-    lazily with safetensors."""
-
-    def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
-        index = hf_dir / "model.safetensors.index.json"
-        single = hf_dir / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif single.is_file():
-            files = ["model.safetensors"]
-            weight_map = None
-        else:
-            pickles = [p.name for p in hf_dir.glob("*.bin")] + [p.name for p in
-                                                                hf_dir.glob("*.pt")]
-            extra = (f" (found {', '.join(sorted(pickles)[:3])}: smoe never reads pickle "
-                     "checkpoints; convert them to safetensors first)") if pickles else ""
-            raise FileNotFoundError(f"{str(hf_dir)!r} has no model.safetensors or "
-                                    f"model.safetensors.index.json{extra}")
-        self._handles = {}
-        self._where: dict[str, str] = {}
-        for name in files:
-            path = hf_dir / name
-            if not path.is_file():
-                raise FileNotFoundError(f"the index names {name!r}, which is not in "
-                                        f"{str(hf_dir)!r}")
-            h = safe_open(str(path), framework="pt")
-            self._handles[name] = h
-            for key in h.keys():
-                self._where[key] = name
-        if weight_map is not None:
-            missing = sorted(set(weight_map) - set(self._where))
-            if missing:
-                raise ValueError(f"the index lists tensors its files do not hold: "
-                                 f"{', '.join(missing[:5])}")
-        self.keys = frozenset(self._where)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if value not in names:
+    if value not in _DTYPES:
         raise ValueError(f"dtype={value!r} is invalid: must be one of float32, bfloat16, "
-                         "float16")
-    return names[value]
+                         "float16 (or None: keep the stored one)")
+    return _DTYPES[value]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int, Path]:
+    """(model config, weights, step, weights file) of a run folder's latest checkpoint. The
+    only place this module reads smoe's run layout (``smoe.runs``)."""
+    from smoe.checkpoint import MODEL_FILE
+    from smoe.runs import latest_checkpoint
+
+    try:
+        _, folder, state, config = latest_checkpoint(run_dir)
+        step = int(state.get("step", 0))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"RUN_DIR {str(run_dir)!r} has a malformed config.json or checkpoint "
+                         f"state ({type(e).__name__}: {_one_line(e)})") from None
+    weights = Path(folder) / MODEL_FILE
+    return config, read_safetensors(weights), step, weights
 
 
 def _load_smoe(source: Any) -> tuple[ModelConfig, dict[str, torch.Tensor], Path | None,
@@ -208,28 +120,41 @@ def _load_smoe(source: Any) -> tuple[ModelConfig, dict[str, torch.Tensor], Path 
             raise ValueError("export_hf needs an smoe SMoETransformer (or a run folder), not "
                              f"{type(source).__name__}")
         return config, dict(source.state_dict()), None, None
-    from smoe.train.checkpoint import load_model_weights
-    from smoe.train.run import latest_checkpoint
-
     run_dir = Path(source)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"RUN_DIR {str(run_dir)!r} is a file, not an smoe run folder")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR {str(run_dir)!r} does not exist")
-    _, folder, state, config = latest_checkpoint(run_dir)
-    return (config, load_model_weights(folder), run_dir / "tokenizer.json",
-            int(state.get("step", 0)))
+    config, state, step, weights = _read_run(run_dir)
+    try:
+        _check_state(config, state)
+    except ValueError as e:
+        raise ValueError(f"{str(weights)!r} does not match the run's model config: "
+                         f"{str(e).removeprefix('the weights do not fit the model config: ')}"
+                         ) from None
+    return config, state, run_dir / "tokenizer.json", step
 
 
 def _check_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> int:
-    """Load ``state`` into a meta-built model (strict): a clear error for a wrong key or shape.
-    Returns the parameter count."""
+    """Check ``state`` against the model ``config`` builds (keys and shapes, on the meta
+    device); a one-line ``ValueError`` naming the first differences. Returns the parameter
+    count."""
     from smoe.model import SMoETransformer
 
     with torch.device("meta"):
         model = SMoETransformer(config)
-    try:
-        model.load_state_dict(dict(state), strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"the weights do not fit the model config: {e}") from None
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    shapes = [f"{k} is {tuple(state[k].shape)}, the config implies {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("shape", shapes)):
+        if items:
+            problems.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                            f" ({len(items)})")
+    if problems:
+        raise ValueError("the weights do not fit the model config: " + "; ".join(problems))
     return model.num_params()
 
 
@@ -242,15 +167,16 @@ def export_hf(run_dir_or_model: str | Path | torch.nn.Module, out_dir: str | Pat
     ``max_shard_bytes``), and the tokenizer (``tokenizer.json`` + ``tokenizer_config.json``)
     when the run has one or ``tokenizer`` names a ``tokenizer.json``.
 
-    ``dtype``: cast the weights (default: as stored, float32). Raises ``ValueError`` naming the
-    features no supported family expresses exactly; ``FileExistsError`` if ``out_dir`` is not
-    empty; ``FileNotFoundError`` for a missing run. Nothing is left behind on error.
+    ``dtype``: cast the weights (default: as stored). Raises ``ValueError`` naming the
+    features no supported family expresses exactly, or a damaged checkpoint or tokenizer;
+    ``FileExistsError`` if ``out_dir`` is not empty; ``FileNotFoundError`` for a missing run.
+    Nothing is left behind on error.
     """
     from smoe import __version__
 
     target_dtype = _dtype(dtype)
     out_dir = Path(out_dir)
-    _check_out(out_dir)
+    check_output(out_dir)
     config, state, tok_path, step = _load_smoe(run_dir_or_model)
     if tokenizer is not None:
         tok_path = Path(tokenizer)
@@ -261,80 +187,145 @@ def export_hf(run_dir_or_model: str | Path | torch.nn.Module, out_dir: str | Pat
     _check_state(config, state)
     hf_format_for(config)  # refuse before touching the disk
     notes: list[str] = []
-    tmp = _begin(out_dir)
+    tmp, created = begin_output(out_dir)
     try:
         eos_id, tok_kind = export_tokenizer(tok_path, tmp, config.max_seq_len,
                                              config.vocab_size, notes)
         fmt = hf_format_for(config, eos_token_id=eos_id)
         ctx = _key_context(config, fmt.flags)
-        files, count, nbytes = _write_safetensors(
+        files, count, nbytes = write_safetensors(
             to_hf(fmt.family, state, ctx, target_dtype), tmp, max_shard_bytes)
         hf_config = dict(fmt.config)
-        if target_dtype is not None:
-            hf_config["dtype"] = str(target_dtype).removeprefix("torch.")
+        stored = target_dtype or _main_dtype(state)
+        hf_config["dtype"] = _dtype_name(stored)
         hf_config[_SMOE_KEY] = {"model": config.to_dict(), "smoe_version": __version__}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n",
                                          encoding="utf-8")
         files = ["config.json"] + files + (["tokenizer.json", "tokenizer_config.json"]
                                            if tok_kind else [])
-        if "shared_ungated" in fmt.flags:
-            notes.append("the shared expert has no gate in smoe: written with a zero gate "
-                         "(sigmoid(0) = 0.5) and its down projection doubled (exact)")
-        if "no_shared" in fmt.flags:
-            notes.append(f"{fmt.family} always builds a shared expert: written with width 0 "
-                         "(its output is exactly 0)")
-        m = config.moe
-        if m is not None and fmt.family != "glm4_moe":
-            notes.append(f"router_aux_loss_coef = aux_loss_coef * {len(config.moe_layer_indices())}"
-                         f" MoE layers / K={m.top_k} (transformers divides by T, not T*K, and "
-                         "pools the layers)")
-        _finish(tmp, out_dir)
+        notes += _export_notes(config, fmt)
+        finish_output(tmp, out_dir)
+    except OSError as e:  # disk full, no permission: one line, and nothing left behind
+        abandon_output(tmp, created)
+        if isinstance(e, (FileExistsError, FileNotFoundError)):
+            raise
+        raise write_error(out_dir, e) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        abandon_output(tmp, created)
         raise
     return ExportResult(out_dir, fmt.family, fmt.architecture, files, count, nbytes, step,
                         tok_kind, notes)
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
-              dtype: torch.dtype | str | None = torch.float32) -> ImportResult:
-    """Write an HF causal LM folder (one of :data:`IMPORT_FAMILIES`) as an smoe run folder:
-    ``config.json`` (``{"format": "smoe-run", "model": ...}``), ``checkpoint/`` at step 0 with
-    the weights and no optimizer state, and ``tokenizer.json`` when smoe can use the HF one.
+def _main_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most bytes of a state dict (float32 if none)."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel() * t.element_size()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
 
-    ``dtype``: the weights' dtype in the run (default float32, what smoe trains in; ``None``
-    keeps the stored one). Raises ``ValueError`` naming what smoe cannot express exactly,
-    ``FileNotFoundError`` for a missing folder or weights, ``FileExistsError`` if ``out_dir`` is
-    not empty.
-    """
-    from smoe.train.checkpoint import save_checkpoint
 
-    target_dtype = _dtype(dtype)
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+def _export_notes(config: ModelConfig, fmt: HFFormat) -> list[str]:
+    notes = []
+    if "shared_ungated" in fmt.flags:
+        notes.append("the shared expert has no gate in smoe: written with a zero gate "
+                     "(sigmoid(0) = 0.5) and its down projection doubled (exact)")
+    if "no_shared" in fmt.flags:
+        notes.append(f"{fmt.family} always builds a shared expert: written with width 0 "
+                     "(its output is exactly 0)")
+    if fmt.family == "gpt_oss":
+        notes.append("gpt_oss attention: zero q/k/v/o biases, sinks of -inf (no sink) and "
+                     "every layer full attention, which is smoe's attention exactly")
+        missing = [n for n, f in (("expert", "no_expert_bias"), ("router", "no_router_bias"))
+                   if f in fmt.flags]
+        if missing:
+            notes.append(f"gpt_oss always has {' and '.join(missing)} biases: written as zeros")
+    m = config.moe
+    if m is not None and fmt.family != "glm4_moe":
+        notes.append(f"router_aux_loss_coef = aux_loss_coef * {len(config.moe_layer_indices())}"
+                     f" MoE layers / K={m.top_k} (transformers divides by T, not T*K, and "
+                     "pools the layers)")
+    return notes
+
+
+def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json of an HF folder, checked for what import can use, with one-line errors."""
+    if hf_dir.exists() and not hf_dir.is_dir():
+        raise ValueError(f"HF_DIR {str(hf_dir)!r} is a file, not a Hugging Face model folder "
+                         "(config.json and safetensors)")
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"HF_DIR {str(hf_dir)!r} does not exist")
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(hf_dir)!r} has no config.json: not a Hugging Face model "
                                 "folder")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(cfg_path)!r} is not valid JSON: {e}") from None
+    raw = read_json(cfg_path, "Hugging Face config.json")
+    mla = mla_refusal(raw)
+    if mla:
+        raise ValueError(f"{str(cfg_path)!r}: {mla}")
     family = raw.get("model_type")
     if family not in IMPORT_FAMILIES:
-        raise ValueError(f"model_type {family!r} cannot be imported: smoe reads "
-                         f"{', '.join(IMPORT_FAMILIES)}")
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"quantization_config (quant_method={method!r}): quantized checkpoints "
-                         "cannot be imported; use the unquantized weights")
-    _check_out(out_dir)
+        raise ValueError(f"{str(cfg_path)!r}: {unknown_family(family)}")
+    return raw
+
+
+def _refuse_quantized(raw: Mapping[str, Any], hf_dir: Path) -> None:
+    """Checked after the architecture, so that a model smoe cannot express is not sent to
+    look for unquantized weights first."""
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ValueError(f"{str(hf_dir / 'config.json')!r}: quantization_config (quant_method="
+                         f"{method!r}): quantized checkpoints cannot be imported; use the "
+                         "unquantized weights")
+
+
+def _checkpoint_dtype(raw: Mapping[str, Any], tensors: HFTensors) -> torch.dtype:
+    """The dtype import keeps: config.json's ``dtype`` (``torch_dtype`` before transformers
+    5) when it names a floating type, else the floating dtype holding most bytes."""
+    named = raw.get("dtype") or raw.get("torch_dtype")
+    if isinstance(named, str) and named in _DTYPES:
+        return _DTYPES[named]
+    sizes = tensors.dtypes()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
+              dtype: torch.dtype | str | None = None) -> ImportResult:
+    """Write an HF causal LM folder (one of :data:`IMPORT_FAMILIES`) as an smoe run folder:
+    ``config.json`` (``{"format": "smoe-run", "model": ..., "dtype": ...}``), ``checkpoint/``
+    at step 0 with the weights and no optimizer state, and ``tokenizer.json`` when smoe can use
+    the HF one (a tokenizer it cannot use is left out with a note).
+
+    ``dtype``: the weights' dtype in the run; default ``None`` keeps the checkpoint's (see the
+    module docstring). Raises ``ValueError`` naming what smoe cannot express exactly or what is
+    wrong with a file, ``FileNotFoundError`` for a missing folder or weights,
+    ``FileExistsError`` if ``out_dir`` is not empty; nothing is written then.
+    """
+    from smoe.checkpoint import save_checkpoint
+
+    target_dtype = _dtype(dtype)
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    raw = _read_hf_config(hf_dir)
+    family = raw["model_type"]
+    check_output(out_dir)
     from transformers import AutoConfig
 
-    derived, flags = model_config_from_hf(AutoConfig.from_pretrained(str(hf_dir)))
-    tensors = _HFTensors(hf_dir)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
+    except Exception as e:  # strict validation of transformers' config classes
+        raise ValueError(f"{str(hf_dir / 'config.json')!r} does not fit transformers' {family} "
+                         f"config: {_one_line(e)}") from None
+    try:
+        derived, flags = model_config_from_hf(hf_cfg)
+    except ValueError as e:
+        raise ValueError(f"{str(hf_dir)!r}: {e}") from None
+    _refuse_quantized(raw, hf_dir)
+    tensors = HFTensors(hf_dir)
     notes: list[str] = []
+    if target_dtype is None:
+        target_dtype = _checkpoint_dtype(raw, tensors)
     candidates = [(derived, flags, False)]
     meta = raw.get(_SMOE_KEY)
     if isinstance(meta, dict) and isinstance(meta.get("model"), dict):
@@ -345,7 +336,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
                 candidates.insert(0, (own, own_fmt.flags, True))
             else:
                 notes.append(f"{_SMOE_KEY} in config.json describes another model: ignored")
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             notes.append(f"{_SMOE_KEY} in config.json is not usable ({e}): ignored")
     for k, (config, cflags, own) in enumerate(candidates):
         try:
@@ -355,7 +346,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
             break
         except ValueError as e:
             if k == len(candidates) - 1:
-                raise ValueError(f"{str(hf_dir)!r} ({family}): {e}") from None
+                raise ValueError(f"{str(hf_dir)!r} ({family}): config.json and the weights "
+                                 f"disagree: {e}") from None
             notes.append(f"{_SMOE_KEY} in config.json does not fit the weights ({e}): read as a "
                          f"plain {family} model")
     if not own:
@@ -363,29 +355,30 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *,
             n_moe = len(config.moe_layer_indices())
             notes.append(f"aux_loss_coef = router_aux_loss_coef * K / {n_moe} MoE layers (smoe's "
                          "convention); z_loss_coef = 0")
-    tmp = _begin(out_dir)
+    tmp, created = begin_output(out_dir)
     try:
-        tok = import_tokenizer(hf_dir, tmp, notes)
-        if tok is not None:
-            from smoe.data import load_tokenizer
-
-            vocab = load_tokenizer(tmp).vocab_size
-            if vocab > config.vocab_size:
-                raise ValueError(f"the tokenizer has {vocab} ids, the model {config.vocab_size}")
+        tok = import_tokenizer(hf_dir, tmp, notes, config.vocab_size)
+        imported_from = {"path": str(hf_dir.resolve()), "model_type": family,
+                         "architectures": raw.get("architectures")}
         run_cfg = {"format": "smoe-run", "version": 1, "preset": None, "router": None,
-                   "model": config.to_dict(),
-                   "imported_from": {"path": str(hf_dir.resolve()), "model_type": family,
-                                     "architectures": raw.get("architectures")},
+                   "model": config.to_dict(), "dtype": _dtype_name(target_dtype),
+                   "imported_from": imported_from,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / "config.json").write_text(json.dumps(run_cfg, indent=2) + "\n", encoding="utf-8")
         save_checkpoint(tmp, state, {}, {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0,
                                          "model_config": config.to_dict(),
-                                         "imported_from": run_cfg["imported_from"]})
-        _finish(tmp, out_dir)
+                                         "dtype": run_cfg["dtype"],
+                                         "imported_from": imported_from})
+        finish_output(tmp, out_dir)
+    except OSError as e:  # disk full, no permission: one line, and nothing left behind
+        abandon_output(tmp, created)
+        if isinstance(e, (FileExistsError, FileNotFoundError)):
+            raise
+        raise write_error(out_dir, e) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        abandon_output(tmp, created)
         raise
-    return ImportResult(out_dir, family, config, num_params, tok, own, notes)
+    return ImportResult(out_dir, family, config, num_params, tok, own, target_dtype, notes)
 
 
 # -- reports ----------------------------------------------------------------------------------
@@ -419,7 +412,8 @@ def format_import(r: ImportResult, source: str) -> str:
               else f"derived from the {r.family} config")
     lines = [f"imported {source} ({r.family}) into {r.out_dir}: {r.num_params / 1e6:.2f}M "
              f"parameters, {layers}",
-             f"  checkpoint/ at step 0 without optimizer state; tokenizer: {r.tokenizer or 'none'}",
+             f"  checkpoint/ at step 0 without optimizer state, {_dtype_name(r.dtype)}; "
+             f"tokenizer: {r.tokenizer or 'none'}",
              f"  config: {origin}"]
     lines += [f"  note: {n}" for n in r.notes]
     if r.tokenizer:

@@ -22,7 +22,35 @@ not Mixtral                                 expert as is (gated), or with a zero
 sigmoid_bias router (DeepSeek-V3 style)     ``glm4_moe``: ``e_score_correction_bias``,
                                             groups (top2_sum), routed scaling, qk-norm
                                             flag, ungated shared experts, full RoPE
+clamped SwiGLU experts (``swiglu_oai``), or ``gpt_oss``: topk_softmax router, every layer
+expert or router biases                     MoE; zero q/k/v/o biases, attention sinks of
+                                            -inf (none), ``layer_types`` all full attention
 ==========================================  =============================================
+
+DeepSeek-V3 (``deepseek_v3``) is not a target: its attention is multi-head latent attention
+(MLA: q/kv projected through a low-rank latent that is RMS-normalised, and a rotary key part
+shared by all heads), and the RMSNorm on the latent makes it impossible to write smoe's
+grouped-query attention as MLA weights, or MLA as smoe's. Its MoE block, though, is exactly
+smoe's ``sigmoid_bias`` router (sigmoid scores, ``e_score_correction_bias`` for selection only,
+``n_group``/``topk_group`` with top-2-sum group scores, ``routed_scaling_factor``,
+``norm_topk_prob``, ungated shared experts, ``first_k_dense_replace`` dense layers): transformers'
+``Glm4MoeMoE`` is the same code as ``DeepseekV3MoE`` on standard attention, so a DeepSeek-V3-style
+smoe model exports as ``glm4_moe``. Import refuses every config with ``kv_lora_rank`` (MLA:
+deepseek_v2/v3/v32, Kimi K2, GLM-4.7-Flash, LongCat, ...) with that one-line reason
+(:func:`mla_refusal`).
+
+gpt-oss (``gpt_oss``) is a target where it is exact. Its attention has q/k/v/o biases, a
+learned per-head sink logit in the softmax denominator, and a 128-token sliding window on every
+other layer; smoe's attention has none of these, so export writes zero biases, sinks of ``-inf``
+(``exp(-inf) = 0``: no sink) and ``layer_types`` all ``full_attention`` (``sliding_window`` set
+to the context length, for readers that ignore ``layer_types``), and import accepts exactly
+that, refusing learned sinks, non-zero attention biases, a window shorter than the context, and
+YaRN RoPE by name (so the released gpt-oss-20b/120b are refused: smoe cannot run them; use
+``smoe.hf.patch`` on transformers' model). Its MoE is smoe's: ``topk_softmax`` router with a
+bias, experts with biases and the clamped SwiGLU (``swiglu_oai``, ``swiglu_alpha`` /
+``swiglu_limit``), gate/up interleaved on disk (see :mod:`smoe.hf.keymaps`). gpt-oss's RMSNorm
+multiplies the weight before casting back (Llama after): the same in float32, a rounding apart
+in bfloat16.
 
 "Softmax router" is ``softmax_topk`` (renormalised when ``norm_topk_prob`` and K > 1),
 ``topk_softmax`` (a softmax over the K best logits equals the renormalised top-K of the full
@@ -31,7 +59,9 @@ naming the feature: expert_choice, noisy_topk, sparsemixer, a capacity factor (t
 dropping), expert or router biases, weights_on_input, activations other than SwiGLU,
 routed_scaling_factor or groups with a softmax router (DeepSeek-V2 needs MLA attention), a
 gated shared expert or ``moe_every`` > 1 with sigmoid_bias, shared experts with qk-norm and a
-softmax router, and ``max`` group scores.
+softmax router, ``max`` group scores; with gpt-oss features (expert or router biases, swiglu_oai):
+plain SwiGLU, a router other than a softmax over the K best logits, shared experts, dense layers,
+qk-norm, groups or routed scaling.
 
 Training-only settings: transformers' ``router_aux_loss_coef`` multiplies a loss computed
 differently from smoe's. smoe divides the expert counts by T*K and sums the per-layer losses;
@@ -47,7 +77,6 @@ architecture as the HF config and weights (so smoe -> HF -> smoe gives back the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +87,12 @@ __all__ = ["HFFormat", "EXPORT_FAMILIES", "IMPORT_FAMILIES", "hf_format_for",
            "model_config_from_hf"]
 
 #: The families export writes and import reads.
-EXPORT_FAMILIES = ("llama", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe")
+EXPORT_FAMILIES = ("llama", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "glm4_moe", "gpt_oss")
 IMPORT_FAMILIES = EXPORT_FAMILIES
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                  "qwen2_moe": "Qwen2MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                  "gpt_oss": "GptOssForCausalLM"}
 _SOFTMAX_ROUTERS = ("softmax_topk", "topk_softmax", "switch")
 _SIGMOID_NORM_EPS = 1e-20          # glm4_moe's renormalisation epsilon
 _SMOE_KEY = "smoe_config"          # the smoe config, inside the HF config.json
@@ -90,8 +120,9 @@ def _refusals(c: ModelConfig) -> list[str]:
     m = c.moe
     if m is None:
         return out
-    if m.activation != "swiglu":
-        out.append(f"moe.activation={m.activation!r}: the HF families use SwiGLU (silu) experts")
+    if m.activation not in ("swiglu", "swiglu_oai"):
+        out.append(f"moe.activation={m.activation!r}: the HF families use SwiGLU (silu) experts "
+                   "(gpt_oss: the clamped SwiGLU, swiglu_oai)")
     if m.router in ("expert_choice", "noisy_topk", "sparsemixer"):
         why = {"expert_choice": "experts choose tokens (not causal); no HF family does",
                "noisy_topk": "no HF family has a noise projection",
@@ -100,15 +131,11 @@ def _refusals(c: ModelConfig) -> list[str]:
     if m.capacity_factor is not None:
         out.append(f"capacity_factor={m.capacity_factor!r} (token dropping): transformers' MoE "
                    "blocks are dropless")
-    if m.expert_bias:
-        out.append("expert_bias=True: only gpt_oss has expert biases, and it also has attention "
-                   "sinks")
-    if m.router_bias:
-        out.append("router_bias=True: only gpt_oss has a router bias, and it also has attention "
-                   "sinks")
     if m.weights_on_input:
         out.append("weights_on_input=True: Llama 4 scales the expert input, but its attention "
                    "differs")
+    if _is_gpt_oss(m):
+        return out + _gpt_oss_refusals(c)
     if m.router in _SOFTMAX_ROUTERS:
         if m.routed_scaling_factor != 1.0:
             out.append(f"routed_scaling_factor={m.routed_scaling_factor!r} with router="
@@ -140,6 +167,37 @@ def _refusals(c: ModelConfig) -> list[str]:
     return out
 
 
+def _is_gpt_oss(m: MoEConfig) -> bool:
+    """Whether an MoE config has a feature only gpt_oss expresses."""
+    return m.activation == "swiglu_oai" or m.expert_bias or m.router_bias
+
+
+def _gpt_oss_refusals(c: ModelConfig) -> list[str]:
+    m, out = c.moe, []
+    if m.activation != "swiglu_oai":
+        which = ", ".join(f"{n}=True" for n in ("expert_bias", "router_bias") if getattr(m, n))
+        out.append(f"{which} with activation={m.activation!r}: only gpt_oss has expert and "
+                   "router biases, and its experts use the clamped SwiGLU (swiglu_oai)")
+    if m.router in _SOFTMAX_ROUTERS + ("sigmoid_bias",) and not (
+            m.router in _SOFTMAX_ROUTERS and _renormalised(m)):
+        out.append(f"router={m.router!r}" + (" without norm_topk_prob" if m.router ==
+                                             "softmax_topk" and m.top_k > 1 else "")
+                   + ": gpt_oss takes a softmax over the K best logits (topk_softmax)")
+    if m.routed_scaling_factor != 1.0:
+        out.append(f"routed_scaling_factor={m.routed_scaling_factor!r}: gpt_oss has no routed "
+                   "scaling")
+    if m.n_groups > 1:
+        out.append(f"n_groups={m.n_groups}: gpt_oss has no group-limited routing")
+    if m.num_shared_experts:
+        out.append(f"num_shared_experts={m.num_shared_experts}: gpt_oss has no shared expert")
+    if len(c.moe_layer_indices()) != c.num_layers:
+        out.append(f"dense layers (first_dense_layers={c.first_dense_layers}, moe_every="
+                   f"{c.moe_every}): gpt_oss has an MoE block in every layer")
+    if c.qk_norm:
+        out.append("qk_norm=True: gpt_oss has no q/k norm")
+    return out
+
+
 def _renormalised(m: MoEConfig) -> bool:
     """Whether a softmax router's K weights sum to 1 (what HF's ``norm_topk_prob`` means)."""
     if m.router == "topk_softmax":
@@ -153,6 +211,8 @@ def _family(c: ModelConfig) -> str:
     m = c.moe
     if m is None:
         return "qwen3" if c.qk_norm else "llama"
+    if _is_gpt_oss(m):
+        return "gpt_oss"
     if m.router == "sigmoid_bias":
         return "glm4_moe"
     if c.qk_norm:
@@ -250,185 +310,30 @@ def hf_format_for(config: ModelConfig, *, eos_token_id: int | None = None) -> HF
                   num_nextn_predict_layers=0, output_router_logits=False)
         hf["rope_parameters"]["partial_rotary_factor"] = 1.0
         flags.add("shared" if m.num_shared_experts else "no_shared")
+    elif family == "gpt_oss":
+        # Zero attention biases and -inf sinks are written (not attention_bias=False) because
+        # gpt-oss readers other than transformers expect them; the window covers the context.
+        hf.update(intermediate_size=m.expert_size, num_local_experts=m.num_experts,
+                  num_experts_per_tok=m.top_k, swiglu_alpha=m.activation_alpha,
+                  swiglu_limit=m.activation_limit, attention_bias=True,
+                  sliding_window=c.max_seq_len, layer_types=["full_attention"] * c.num_layers,
+                  output_router_logits=False, router_aux_loss_coef=_aux_to_hf(c))
+        flags |= {"attn_bias", "expert_bias" if m.expert_bias else "no_expert_bias",
+                  "router_bias" if m.router_bias else "no_router_bias"}
     return HFFormat(family, _ARCHITECTURES[family], hf, frozenset(flags))
 
 
 def _key_context(c: ModelConfig, flags: frozenset[str]) -> KeyContext:
     return KeyContext(num_layers=c.num_layers, moe_layers=c.moe_layer_indices(),
                       num_experts=c.moe.num_experts if c.moe else 0, hidden_size=c.hidden_size,
-                      flags=flags)
+                      flags=flags, expert_size=c.moe.expert_size if c.moe else 0,
+                      num_heads=c.num_heads)
 
 
-# -- HF config -> smoe config -----------------------------------------------------------------
-_MISSING = object()
+def __getattr__(name: str) -> Any:
+    """The HF -> smoe direction lives in :mod:`smoe.hf.import_config` (re-exported here)."""
+    if name in ("model_config_from_hf", "mla_refusal", "unknown_family"):
+        from smoe.hf import import_config
 
-
-def _attr(cfg: Any, *names: str, default: Any = _MISSING) -> Any:
-    for name in names:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return value
-    if default is _MISSING:
-        raise ValueError(f"the HF config has no {' / '.join(names)}")
-    return default
-
-
-def _rope(cfg: Any) -> float:
-    rp = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-    kind = rp.get("rope_type", rp.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope_type={kind!r} (scaled RoPE): smoe's RoPE is the default one")
-    partial = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
-    if partial is not None and partial != 1.0:
-        raise ValueError(f"partial_rotary_factor={partial!r}: smoe rotates the whole head")
-    theta = rp.get("rope_theta", getattr(cfg, "rope_theta", None))
-    if theta is None:
-        raise ValueError("the HF config has no rope_theta")
-    return float(theta)
-
-
-def _moe_layout(num_layers: int, moe_layers: set[int]) -> tuple[int, int]:
-    """(moe_every, first_dense_layers) giving exactly ``moe_layers``, or ValueError."""
-    for every in range(1, num_layers + 1):
-        for first in range(num_layers + 1):
-            got = {i for i in range(num_layers) if i >= first and (i + 1) % every == 0}
-            if got == moe_layers:
-                return every, first
-    raise ValueError(f"MoE layers {sorted(moe_layers)}: smoe places MoE layers by "
-                     "first_dense_layers and moe_every, which cannot give this set")
-
-
-def _as_hf_config(hf_config: Any) -> Any:
-    if isinstance(hf_config, Mapping):
-        from transformers import AutoConfig
-
-        data = dict(hf_config)
-        model_type = data.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("the HF config has no model_type")
-        return AutoConfig.for_model(model_type, **data)
-    return hf_config
-
-
-def _check_attention(cfg: Any, family: str, max_pos: int) -> list[str]:
-    """What the HF attention and MLPs have that smoe's do not."""
-    problems = []
-    act = _attr(cfg, "hidden_act", default="silu")
-    if act != "silu":
-        problems.append(f"hidden_act={act!r}: smoe's MLPs are SwiGLU (silu)")
-    if family != "qwen2_moe" and getattr(cfg, "attention_bias", False):
-        problems.append("attention_bias=True: smoe's attention has no biases")
-    if getattr(cfg, "mlp_bias", False):
-        problems.append("mlp_bias=True: smoe's MLPs have no biases")
-    window = getattr(cfg, "sliding_window", None)
-    sliding = getattr(cfg, "use_sliding_window", window is not None)
-    if sliding and window and window < max_pos:
-        problems.append(f"sliding_window={window}: smoe's attention is full")
-    return problems
-
-
-def _moe_mixtral(cfg: Any, L: int, kw: dict[str, Any], flags: set[str]) -> set[int]:
-    kw.update(expert_size=int(_attr(cfg, "intermediate_size")), router="softmax_topk",
-              norm_topk_prob=True)
-    return set(range(L))
-
-
-def _moe_qwen(cfg: Any, L: int, kw: dict[str, Any], flags: set[str]) -> set[int]:
-    """Qwen2-MoE and Qwen3-MoE: ``mlp_only_layers``, ``decoder_sparse_step``,
-    ``norm_topk_prob``; Qwen2-MoE's gated shared expert and q/k/v biases."""
-    step = int(_attr(cfg, "decoder_sparse_step", default=1))
-    only = set(_attr(cfg, "mlp_only_layers", default=[]))
-    norm = bool(_attr(cfg, "norm_topk_prob", default=False))
-    kw.update(expert_size=int(_attr(cfg, "moe_intermediate_size")), router="softmax_topk",
-              norm_topk_prob=norm)
-    if norm and kw["top_k"] == 1:  # HF renormalises one weight to 1, as smoe's topk_softmax
-        kw["router"] = "topk_softmax"
-    if cfg.model_type == "qwen2_moe":
-        if getattr(cfg, "qkv_bias", True):
-            flags.add("qkv_bias")
-        shared = int(_attr(cfg, "shared_expert_intermediate_size", default=0))
-        if shared:
-            kw.update(num_shared_experts=1, shared_expert_gate=True)
-            if shared != kw["expert_size"]:
-                kw["shared_expert_size"] = shared
-            flags.add("shared_gate")
-        else:
-            flags.add("no_shared")
-    return {i for i in range(L) if i not in only and (i + 1) % step == 0}
-
-
-def _moe_glm4(cfg: Any, L: int, kw: dict[str, Any], flags: set[str]) -> set[int]:
-    """GLM-4.5: sigmoid scores, selection bias, groups, routed scaling, ungated shared
-    experts, dense layers first; no auxiliary loss (balanced by the selection bias)."""
-    n_shared = int(_attr(cfg, "n_shared_experts", default=0))
-    kw.update(expert_size=int(_attr(cfg, "moe_intermediate_size")), router="sigmoid_bias",
-              norm_topk_prob=bool(_attr(cfg, "norm_topk_prob", default=True)),
-              routed_scaling_factor=float(_attr(cfg, "routed_scaling_factor", default=1.0)),
-              n_groups=int(_attr(cfg, "n_group", default=1)),
-              topk_groups=int(_attr(cfg, "topk_group", default=1)),
-              num_shared_experts=n_shared, aux_loss_coef=0.0)
-    flags.add("shared" if n_shared else "no_shared")
-    return set(range(int(_attr(cfg, "first_k_dense_replace", default=1)), L))
-
-
-#: model_type -> reader of its MoE settings into MoEConfig fields; returns the MoE layers.
-_MOE_READERS = {"mixtral": _moe_mixtral, "qwen3_moe": _moe_qwen, "qwen2_moe": _moe_qwen,
-                "glm4_moe": _moe_glm4}
-
-
-def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, frozenset[str]]:
-    """The smoe config (and key-table flags) of an HF config (a ``PretrainedConfig`` or a
-    config.json dict). Raises ``ValueError`` naming what smoe cannot express.
-
-    Loss weights: ``aux_loss_coef = router_aux_loss_coef * K / L_moe`` (see the module
-    docstring), none for glm4_moe; ``z_loss_coef = 0`` (these families have no z-loss)."""
-    cfg = _as_hf_config(hf_config)
-    family = getattr(cfg, "model_type", None)
-    if family not in IMPORT_FAMILIES:
-        raise ValueError(f"model_type {family!r} cannot be imported: smoe reads "
-                         f"{', '.join(IMPORT_FAMILIES)}")
-    L, D = int(_attr(cfg, "num_hidden_layers")), int(_attr(cfg, "hidden_size"))
-    heads = int(_attr(cfg, "num_attention_heads"))
-    head_dim = int(_attr(cfg, "head_dim", default=D // heads))
-    max_pos = int(_attr(cfg, "max_position_embeddings"))
-    problems = _check_attention(cfg, family, max_pos)
-    theta = 1.0
-    try:
-        theta = _rope(cfg)
-    except ValueError as e:
-        problems.append(str(e))
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    qk_norm = family in ("qwen3", "qwen3_moe") or bool(getattr(cfg, "use_qk_norm", False))
-    flags = ({"untied"} if not tied else set()) | ({"qk_norm"} if qk_norm else set())
-    init_std = float(_attr(cfg, "initializer_range", default=0.02))
-    moe, moe_every, first_dense = None, 1, 0
-    if family in _MOE_READERS:
-        kw: dict[str, Any] = dict(
-            hidden_size=D, num_experts=int(_attr(cfg, "num_local_experts", "num_experts",
-                                                 "n_routed_experts")),
-            top_k=int(_attr(cfg, "num_experts_per_tok")), z_loss_coef=0.0, init_std=init_std)
-        moe_layers = _MOE_READERS[family](cfg, L, kw, flags)
-        if kw.get("n_groups", 1) > 1 and kw["num_experts"] // kw["n_groups"] < 2:
-            problems.append(f"n_group={kw['n_groups']} leaves fewer than 2 experts per group")
-        if moe_layers:
-            if "aux_loss_coef" not in kw:
-                aux = float(_attr(cfg, "router_aux_loss_coef", default=0.001))
-                kw["aux_loss_coef"] = _clean(aux * kw["top_k"] / len(moe_layers))
-            try:
-                moe_every, first_dense = _moe_layout(L, moe_layers)
-            except ValueError as e:
-                problems.append(str(e))
-    if problems:
-        raise ValueError(f"the {family} model cannot be imported exactly: " + "; ".join(problems))
-    if family in _MOE_READERS and moe_layers:
-        moe = MoEConfig(**kw)
-    has_dense = moe is None or first_dense > 0 or moe_every > 1
-    ffn_size = _attr(cfg, "intermediate_size", default=None) if has_dense else None
-    config = ModelConfig(
-        vocab_size=int(_attr(cfg, "vocab_size")), hidden_size=D, num_layers=L, num_heads=heads,
-        num_kv_heads=int(_attr(cfg, "num_key_value_heads", default=heads)), max_seq_len=max_pos,
-        head_dim=None if head_dim * heads == D else head_dim, rope_theta=theta,
-        norm_eps=float(_attr(cfg, "rms_norm_eps")), qk_norm=qk_norm, tie_embeddings=tied,
-        ffn_size=int(ffn_size) if ffn_size is not None else None, moe=moe,
-        moe_every=moe_every, first_dense_layers=first_dense, init_std=init_std)
-    return config, frozenset(flags)
+        return getattr(import_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

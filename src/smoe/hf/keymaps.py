@@ -24,6 +24,15 @@ HF) and an import direction (HF -> smoe), both exact:
 * ``zeros_1xD``, ``zeros_0xD``, ``zeros_Dx0``: no smoe tensor; HF gets a zero tensor of that
   shape (D = hidden size): an unused gate, or a zero-width shared expert. Import requires the
   shape, and for ``strict`` rows the zeros; ``optional`` rows may also be absent.
+* ``oai_gate_up`` / ``oai_gate_up_bias``: smoe's fused ``[E, 2F, D]`` (gate rows, then up
+  rows) and its ``[E, 2F]`` bias <-> gpt-oss's ``[E, D, 2F]`` (input x output) and ``[E, 2F]``
+  with gate and up interleaved (even columns gate, odd columns up).
+* ``transposed``: smoe's ``[E, out, in]`` <-> gpt-oss's ``[E, in, out]`` (``down_proj``).
+* ``zeros_E``, ``zeros_Ex2F``, ``zeros_ExD``: gpt-oss's router and expert biases for an smoe
+  model without them (F = expert width, E = experts).
+* ``no_sinks``: no smoe tensor; gpt-oss gets attention sinks of ``-inf`` (``[num_heads]``):
+  ``exp(-inf) = 0`` adds nothing to the softmax denominator, so the attention is exactly
+  smoe's. Import requires every sink to be ``-inf`` (a learned sink has no smoe counterpart).
 
 Export writes the per-expert keys that ``save_pretrained`` of transformers 5.x writes on disk
 (its conversion mapping turns them into the fused ``gate_up_proj`` / ``down_proj`` it holds in
@@ -32,7 +41,9 @@ memory, and older readers understand them too). Import also accepts the fused in
 
 Rows with ``when`` apply only when the model has that flag (:class:`KeyContext.flags`):
 ``untied``, ``qk_norm``, ``qkv_bias`` (Qwen2-MoE's zero q/k/v biases are stored), ``shared``
-(shared experts, any), ``shared_gate``, ``shared_ungated``, ``no_shared``.
+(shared experts, any), ``shared_gate``, ``shared_ungated``, ``no_shared``; gpt-oss:
+``attn_bias`` (zero q/k/v/o biases are stored), ``expert_bias`` / ``no_expert_bias``,
+``router_bias`` / ``no_router_bias``.
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ __all__ = ["KeyRule", "KeyContext", "KEYMAPS", "IGNORED", "TRANSFORMS", "LAYER_S
            "to_hf", "from_hf"]
 
 LAYER_SETS = ("none", "all", "moe", "dense")
-FLAGS = ("untied", "qk_norm", "qkv_bias", "shared", "shared_gate", "shared_ungated", "no_shared")
+FLAGS = ("untied", "qk_norm", "qkv_bias", "shared", "shared_gate", "shared_ungated", "no_shared",
+         "attn_bias", "expert_bias", "no_expert_bias", "router_bias", "no_router_bias")
 
 
 @dataclass(frozen=True)
@@ -86,13 +98,16 @@ class KeyRule:
 
 @dataclass(frozen=True)
 class KeyContext:
-    """What a table needs to know about one model: its layers, experts, width and flags."""
+    """What a table needs to know about one model: its layers, experts, widths, heads and
+    flags."""
 
     num_layers: int
     moe_layers: tuple[int, ...]
     num_experts: int
     hidden_size: int
     flags: frozenset[str] = field(default_factory=frozenset)
+    expert_size: int = 0
+    num_heads: int = 0
 
     def layer_indices(self, which: str) -> tuple[int, ...]:
         if which == "none":
@@ -172,7 +187,54 @@ def _zeros(shape_of: Callable[[torch.Tensor | None, KeyContext], tuple[int, ...]
     return out, inp
 
 
+def _oai_gate_up_out(t, ctx, keys):
+    gate, up = t.chunk(2, dim=1)                               # [E, F, D] each
+    E, F, D = gate.shape
+    rows = torch.stack((gate, up), dim=2).reshape(E, 2 * F, D)  # rows g0 u0 g1 u1 ...
+    return {keys[0]: rows.transpose(1, 2)}                     # [E, D, 2F]
+
+
+def _oai_gate_up_in(get, ctx, keys, rule):
+    rows = get(keys[0]).transpose(1, 2)                        # [E, 2F, D]
+    return torch.cat((rows[:, 0::2], rows[:, 1::2]), dim=1)
+
+
+def _oai_bias_out(t, ctx, keys):
+    gate, up = t.chunk(2, dim=1)                               # [E, F] each
+    return {keys[0]: torch.stack((gate, up), dim=2).reshape(t.shape)}
+
+
+def _oai_bias_in(get, ctx, keys, rule):
+    b = get(keys[0])
+    return torch.cat((b[:, 0::2], b[:, 1::2]), dim=1)
+
+
+def _transposed_out(t, ctx, keys):
+    return {keys[0]: t.transpose(1, 2)}
+
+
+def _transposed_in(get, ctx, keys, rule):
+    return get(keys[0]).transpose(1, 2)
+
+
+def _no_sinks_out(t, ctx, keys):
+    return {keys[0]: torch.full((ctx.num_heads,), float("-inf"))}
+
+
+def _no_sinks_in(get, ctx, keys, rule):
+    x = get(keys[0])
+    if tuple(x.shape) != (ctx.num_heads,):
+        raise ValueError(f"{keys[0]} has shape {tuple(x.shape)}, expected ({ctx.num_heads},)")
+    if not bool(torch.isneginf(x).all()):
+        raise ValueError(f"{keys[0]} holds learned attention sinks: smoe's attention has no "
+                         "sink logit, so only sinks of -inf (no sink) can be imported exactly")
+    return None
+
+
 _zero_bias = _zeros(lambda t, ctx: (t.shape[0],) if t is not None else None)
+_zeros_E = _zeros(lambda t, ctx: (ctx.num_experts,))
+_zeros_Ex2F = _zeros(lambda t, ctx: (ctx.num_experts, 2 * ctx.expert_size))
+_zeros_ExD = _zeros(lambda t, ctx: (ctx.num_experts, ctx.hidden_size))
 _zeros_1xD = _zeros(lambda t, ctx: (1, ctx.hidden_size))
 _zeros_0xD = _zeros(lambda t, ctx: (0, ctx.hidden_size))
 _zeros_Dx0 = _zeros(lambda t, ctx: (ctx.hidden_size, 0))
@@ -187,6 +249,13 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     "zeros_1xD": _zeros_1xD,
     "zeros_0xD": _zeros_0xD,
     "zeros_Dx0": _zeros_Dx0,
+    "oai_gate_up": (_oai_gate_up_out, _oai_gate_up_in),
+    "oai_gate_up_bias": (_oai_bias_out, _oai_bias_in),
+    "transposed": (_transposed_out, _transposed_in),
+    "zeros_E": _zeros_E,
+    "zeros_Ex2F": _zeros_Ex2F,
+    "zeros_ExD": _zeros_ExD,
+    "no_sinks": (_no_sinks_out, _no_sinks_in),
 }
 
 
@@ -247,6 +316,34 @@ def _zero_width(hf: str) -> tuple[KeyRule, ...]:
 
 
 _QWEN_EXPERTS = _experts("mlp", "gate_proj", "up_proj", "down_proj")
+
+
+def _gpt_oss() -> tuple[KeyRule, ...]:
+    """gpt-oss: zero q/k/v/o biases, sinks of -inf, a router with a bias, and experts stored
+    input x output with gate/up interleaved and biases (zeros when the smoe model has none)."""
+    attn = "model.layers.{i}.self_attn"
+    rows = [KeyRule(f"layers.{{i}}.attn.{p}_proj.weight", (f"{attn}.{p}_proj.bias",),
+                    "zero_bias", layers="all", when="attn_bias") for p in ("q", "k", "v", "o")]
+    rows.append(KeyRule(None, (f"{attn}.sinks",), "no_sinks", layers="all"))
+    mlp, ex = "model.layers.{i}.mlp", "layers.{i}.ffn"
+    rows += [
+        KeyRule(f"{ex}.router.weight", (f"{mlp}.router.weight",), layers="moe"),
+        KeyRule(f"{ex}.router.bias", (f"{mlp}.router.bias",), layers="moe", when="router_bias"),
+        KeyRule(None, (f"{mlp}.router.bias",), "zeros_E", layers="moe", when="no_router_bias"),
+        KeyRule(f"{ex}.experts.gate_up_proj", (f"{mlp}.experts.gate_up_proj",), "oai_gate_up",
+                layers="moe"),
+        KeyRule(f"{ex}.experts.down_proj", (f"{mlp}.experts.down_proj",), "transposed",
+                layers="moe"),
+        KeyRule(f"{ex}.experts.gate_up_proj_bias", (f"{mlp}.experts.gate_up_proj_bias",),
+                "oai_gate_up_bias", layers="moe", when="expert_bias"),
+        KeyRule(f"{ex}.experts.down_proj_bias", (f"{mlp}.experts.down_proj_bias",),
+                layers="moe", when="expert_bias"),
+        KeyRule(None, (f"{mlp}.experts.gate_up_proj_bias",), "zeros_Ex2F", layers="moe",
+                when="no_expert_bias"),
+        KeyRule(None, (f"{mlp}.experts.down_proj_bias",), "zeros_ExD", layers="moe",
+                when="no_expert_bias"),
+    ]
+    return tuple(rows)
 _SHARED = "layers.{i}.ffn.shared_experts"
 _QWEN2_SHARED = "model.layers.{i}.mlp.shared_expert"
 
@@ -280,6 +377,7 @@ KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
         *_mlp(_SHARED, "model.layers.{i}.mlp.shared_experts", "moe", when="shared"),
         *_zero_width("model.layers.{i}.mlp.shared_experts"),
     ),
+    "gpt_oss": _attention() + _gpt_oss(),
 }
 
 #: model_type -> regular expressions of HF tensors that import may skip: RoPE tables some
@@ -365,12 +463,18 @@ def from_hf(family: str, get: Getter, hf_keys: set[str] | frozenset[str], ctx: K
     for rule, i in _rules(family, ctx):
         keys = tuple(_expand(p, i) for p in rule.hf)
         fused = _expand(rule.fused, i) if rule.fused is not None else None
-        if fused is not None and fused in hf_keys and keys[0].replace("{e}", "0") not in hf_keys:
-            value = read(fused)  # the stacked in-memory layout, as smoe holds it
-        elif rule.optional and not any(k in hf_keys for k in keys):
-            continue
-        else:
-            value = TRANSFORMS[rule.transform][1](read, ctx, keys, rule)
+        try:
+            if (fused is not None and fused in hf_keys
+                    and keys[0].replace("{e}", "0") not in hf_keys):
+                value = read(fused)  # the stacked in-memory layout, as smoe holds it
+            elif rule.optional and not any(k in hf_keys for k in keys):
+                continue
+            else:
+                value = TRANSFORMS[rule.transform][1](read, ctx, keys, rule)
+        except (RuntimeError, IndexError) as e:  # tensors of the wrong rank or shape
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{keys[0].replace('{e}', '*')} does not have the shape the config "
+                             f"implies ({reason})") from None
         if value is None or rule.smoe is None:
             continue
         if rule.keep_float32:

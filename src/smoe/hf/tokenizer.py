@@ -89,18 +89,24 @@ def export_tokenizer(source: Path | None, out: Path, max_len: int, vocab: int,
     if source is None or not source.is_file():
         notes.append("no tokenizer.json: the HF folder has no tokenizer")
         return None, None
-    text = source.read_text(encoding="utf-8")
     try:
+        text = source.read_text(encoding="utf-8")
         spec = json.loads(text)
+        if not (isinstance(spec, dict) and spec.get("type") == "smoe-byte"):
+            ids = _added_tokens(spec)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(source)!r} cannot be read: {e}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{str(source)!r} is not valid JSON: {e}") from None
-    if isinstance(spec, dict) and spec.get("type") == "smoe-byte":
+        raise ValueError(f"{str(source)!r} is not valid JSON ({e.msg} at line {e.lineno}): fix "
+                         "or remove the tokenizer") from None
+    except ValueError as e:
+        raise ValueError(f"{str(source)!r} is not a tokenizer: {e}") from None
+    if spec.get("type") == "smoe-byte":
         eos_id, kind = 256, "byte-level (smoe's byte tokenizer as a tokenizers BPE without merges)"
         text = byte_tokenizer_json()
         notes.append("the byte tokenizer is written as an equivalent byte-level tokenizers "
                      "model; the literal text <|eos|> is the eos token there")
     else:
-        ids = {t.get("content"): t.get("id") for t in spec.get("added_tokens", [])}
         if EOS_TOKEN not in ids:
             notes.append(f"tokenizer.json has no {EOS_TOKEN}: copied without an eos token")
             eos_id = None
@@ -116,28 +122,68 @@ def export_tokenizer(source: Path | None, out: Path, max_len: int, vocab: int,
     return eos_id, kind
 
 
-def import_tokenizer(hf_dir: Path, out: Path, notes: list[str]) -> str | None:
+def _added_tokens(spec: Any) -> dict[str, int]:
+    """content -> id of a ``tokenizers`` JSON's added tokens (``ValueError`` if malformed)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"it holds a JSON {type(spec).__name__}, not a tokenizers object")
+    tokens = spec.get("added_tokens", [])
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("id"), int) for t in tokens):
+        raise ValueError("its added_tokens is not a list of {content, id} objects")
+    return {t.get("content"): t["id"] for t in tokens}
+
+
+def import_tokenizer(hf_dir: Path, out: Path, notes: list[str],
+                     vocab_size: int | None = None) -> str | None:
     """Write smoe's ``tokenizer.json`` into ``out`` for the HF folder's tokenizer when smoe can
-    use it; returns its kind (``byte``, ``bpe``), or None (and a note)."""
+    use it; returns its kind (``byte``, ``bpe``), or None (and a note). A tokenizer that is
+    missing, malformed, unusable by smoe or larger than the model's vocabulary is left out
+    with a note: the weights are still imported, and ``smoe generate`` needs a tokenizer."""
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         notes.append("no tokenizer.json in the HF folder: the run has no tokenizer "
                      "(smoe generate needs one)")
         return None
-    text = path.read_text(encoding="utf-8")
+    skipped = (f"tokenizer.json not imported ({{}}): the run has no tokenizer (smoe generate "
+               "needs one)")
     try:
+        text = path.read_text(encoding="utf-8")
         spec = json.loads(text)
+        ids = _added_tokens(spec)
+    except (OSError, UnicodeDecodeError) as e:
+        notes.append(skipped.format(f"unreadable: {e}"))
+        return None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
+        notes.append(skipped.format(f"not valid JSON: {e.msg} at line {e.lineno}"))
+        return None
+    except ValueError as e:
+        notes.append(skipped.format(str(e)))
+        return None
     if is_byte_tokenizer(spec):
         from smoe.data.tokenizer import ByteTokenizer
 
-        ByteTokenizer().save(out)
-        return "byte"
-    ids = {t.get("content"): t.get("id") for t in spec.get("added_tokens", [])}
-    if EOS_TOKEN in ids:
-        (out / "tokenizer.json").write_text(text, encoding="utf-8")
-        return "bpe"
-    notes.append(f"tokenizer.json not imported: smoe's BPE tokenizer needs a {EOS_TOKEN} "
-                 "special token, this one has none (smoe generate needs a tokenizer)")
-    return None
+        kind, write = "byte", lambda: ByteTokenizer().save(out)
+    elif EOS_TOKEN in ids:
+        kind = "bpe"
+
+        def write() -> None:
+            (out / "tokenizer.json").write_text(text, encoding="utf-8")
+    else:
+        notes.append(f"tokenizer.json not imported: smoe's BPE tokenizer needs a {EOS_TOKEN} "
+                     "special token, this one has none (smoe generate needs a tokenizer)")
+        return None
+    write()
+    try:  # smoe must be able to load it, and every id must be a row of the embedding
+        from smoe.data import load_tokenizer
+
+        vocab = load_tokenizer(out).vocab_size
+    except Exception as e:  # the tokenizers library raises its own exception types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        (out / "tokenizer.json").unlink(missing_ok=True)
+        notes.append(skipped.format(f"smoe cannot load it: {reason}"))
+        return None
+    if vocab_size is not None and vocab > vocab_size:
+        (out / "tokenizer.json").unlink(missing_ok=True)
+        notes.append(skipped.format(f"it has {vocab} ids, the model's vocabulary {vocab_size}"))
+        return None
+    return kind

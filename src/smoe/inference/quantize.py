@@ -220,9 +220,10 @@ def save_quantized_run(src_run: str | Path, out_dir: str | Path, config: QuantCo
     Everything is written into a temporary sibling folder, fsynced, then renamed: a failure
     leaves nothing behind, and an existing ``out_dir`` is refused.
     """
-    from smoe.train.checkpoint import CHECKPOINT, FORMAT, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
-    from smoe.train.checkpoint import _fsync_dir, _fsync_file, read_state, save_tensors
-    from smoe.train.run import RUN_CONFIG, latest_checkpoint, load_run
+    from smoe._io import fsync_dir, fsync_file
+    from smoe.checkpoint import CHECKPOINT, FORMAT, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
+    from smoe.checkpoint import read_state, save_tensors
+    from smoe.runs import RUN_CONFIG, latest_checkpoint, load_run
 
     src, out = Path(src_run), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -237,8 +238,8 @@ def save_quantized_run(src_run: str | Path, out_dir: str | Path, config: QuantCo
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / CHECKPOINT).mkdir(parents=True)
-        for item in src.iterdir():  # tokenizer and data descriptions; not the checkpoints
-            if item.is_file() and item.name != RUN_CONFIG:
+        for item in src.iterdir():  # the tokenizer; not checkpoints, config or training logs
+            if item.is_file() and item.name not in (RUN_CONFIG, "metrics.jsonl"):
                 shutil.copy2(item, tmp / item.name)
         ck = tmp / CHECKPOINT
         save_tensors(run.model.state_dict(), ck / MODEL_FILE)
@@ -250,13 +251,13 @@ def save_quantized_run(src_run: str | Path, out_dir: str | Path, config: QuantCo
         new_cfg = {**run_cfg, "quantization": config.to_dict(), "quantized_from": str(src)}
         (tmp / RUN_CONFIG).write_text(json.dumps(new_cfg, indent=2) + "\n", encoding="utf-8")
         for f in [ck / MODEL_FILE, ck / OPTIMIZER_FILE, ck / STATE_FILE, tmp / RUN_CONFIG]:
-            _fsync_file(f)
-        _fsync_dir(ck)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(ck)
+        fsync_dir(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,9 +265,10 @@ def save_quantized_run(src_run: str | Path, out_dir: str | Path, config: QuantCo
 
 
 def load_quantized(run_dir: str | Path, device: torch.device | str = "cpu"):
-    """Load a quantized run folder (or a float one) for inference: the run loader builds on
-    meta, calls :func:`prepare_quantized` for a run with a ``quantization`` section, and loads
-    the packed tensors with ``assign=True``. Returns the loader's ``LoadedRun``."""
-    from smoe.train.run import load_run
+    """Load a quantized run folder (or a float one) for inference: the run loader
+    (:func:`smoe.runs.load_run`) builds on meta, calls :func:`prepare_quantized` for a run with
+    a ``quantization`` section, and loads the packed tensors with ``assign=True``. Returns its
+    ``LoadedRun``."""
+    from smoe.runs import load_run
 
     return load_run(run_dir, device)
