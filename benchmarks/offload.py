@@ -57,7 +57,7 @@ def _cold_read_gbs(path: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     from smoe.data import DataConfig, prepare_data
     from smoe.inference.offload import belady_hit_rate, drop_page_cache, offload
-    from smoe.train.run import load_run
+    from smoe.runs import load_run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True)
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if cold is None:
                 cold = _cold_read_gbs(store)
             drop_page_cache(store)
+            res_secs = _decode(model, tokens)   # the resident model, just before: same load
             secs = _decode(m, tokens)
             s = off.stats(secs)
             belady = belady_hit_rate(off.trace, off.capacity)
@@ -107,16 +108,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {s['hit_rate']:.3f} | {belady:.3f} | "
                 f"{s['bytes_moved_per_token'] / 2**20:.2f} | {prec} | {rec} | "
                 f"{1e3 * s['stall_s'] / n:.2f} | {s['tokens_per_s']:.1f} | "
-                f"{s['tokens_per_s'] * t_res:.2f}x | "
+                f"{res_secs / secs:.2f}x | "
                 + " | ".join(f"{v:.1f}" for v in model_tps.values()) + " |")
             print(rows[-1], flush=True)
     head = ("| budget (experts) | policy | hit rate | Belady | MiB moved / token | prefetch "
-            "precision | prefetch recall | stall ms / token | tokens/s | vs resident | "
+            "precision | prefetch recall | stall ms / token | tokens/s | vs resident (run just "
+            "before) | "
             + " | ".join(f"modelled tok/s, {k}" for k in LINKS) + " |")
     text = "\n".join([
         "## Offloaded experts (benchmarks/offload.py)", "",
         f"Command: `python benchmarks/offload.py {' '.join(sys.argv[1:])}`; torch "
-        f"{torch.__version__}, 1 thread. Model: {a.run} (E{c.num_experts} top-{c.top_k}, "
+        f"{torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores (shared machine: measured tokens/s are noisy). Model: {a.run} (E{c.num_experts} top-{c.top_k}, "
         f"{model.config.num_layers} layers), teacher-forced decode of {len(tokens)} validation "
         f"tokens. Resident: {1 / t_res:.1f} tokens/s. Store read cold (page cache dropped with "
         f"posix_fadvise DONTNEED before every run): {cold:.2f} GB/s here. Hit rate counts demand "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -101,7 +102,7 @@ def kernels(rounds: int) -> list[str]:
 def quality(run_dir: str, batches: int) -> list[str]:
     from smoe.data import DataConfig, prepare_data, val_batches
     from smoe.inference.quantize import quantize, weight_bytes
-    from smoe.train.run import load_run
+    from smoe.runs import load_run
 
     run = load_run(run_dir)
     data = prepare_data(DataConfig(**(run.config.get("data") or {})), run_dir=run.run_dir)
@@ -148,8 +149,8 @@ def decode_speed(rounds: int, new_tokens: int) -> list[str]:
     from smoe.inference.quantize import quantize, weight_bytes
     from smoe.model import SMoETransformer
 
-    # Experts: 4 layers x 16 experts x (2*1536 + 1536) x 1024 x 4 B = 1.5 GiB fp32 >= 4 x 300 MiB.
-    moe = MoEConfig(hidden_size=1024, expert_size=1536, num_experts=16, top_k=2)
+    # Experts: 4 layers x 20 experts x (2*1536 + 1536) x 1024 x 4 B = 1.4 GiB fp32 >= 4 x 300 MiB.
+    moe = MoEConfig(hidden_size=1024, expert_size=1536, num_experts=20, top_k=2)
     cfg = ModelConfig(vocab_size=257, hidden_size=1024, num_layers=4, num_heads=8,
                       num_kv_heads=4, max_seq_len=256, moe=moe)
     with torch.device("meta"):
@@ -171,7 +172,7 @@ def decode_speed(rounds: int, new_tokens: int) -> list[str]:
     bw = bandwidth_gbs()
     per_expert = {n: weight_bytes(m)["experts"] / (cfg.num_layers * moe.num_experts)
                   for n, m in models.items()}
-    lines = [f"Model: D=1024, F=1536, E=16, top-2, 4 layers; fp32 expert weights "
+    lines = [f"Model: D=1024, F=1536, E=20, top-2, 4 layers; fp32 expert weights "
              f"{weight_bytes(base)['experts'] / 2**30:.2f} GiB (LLC 300 MiB); {new_tokens} new "
              f"tokens after a 16-token prompt; measured read bandwidth {bw:.1f} GB/s (1 thread).",
              "", "| experts | expert bytes | decode tokens/s | vs fp32 | roofline tokens/s | "
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     cpu = platform.processor() or platform.machine()
     out = ["## Quantized experts (benchmarks/quant.py)", "",
            f"Command: `python benchmarks/quant.py {' '.join(sys.argv[1:])}`; torch "
-           f"{torch.__version__}, 1 thread, {cpu}; medians over {a.rounds} interleaved rounds.",
+           f"{torch.__version__}, 1 thread, {cpu}; medians over {a.rounds} interleaved rounds; "
+           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared "
+           "machine: absolute times are inflated, ratios within a round are what to read).",
            ""]
     if "kernels" not in a.skip:
         out += ["### Kernels at batch 1", ""] + kernels(a.rounds) + [""]

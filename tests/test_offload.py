@@ -11,7 +11,6 @@ Tolerance: the resident prefill runs a grouped GEMM, the offloaded one a matmul 
 
 from __future__ import annotations
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # noqa: E402 - before transformers is imported
@@ -73,12 +72,11 @@ def test_offloaded_model_generates_the_resident_tokens(policy, budget, tmp_path)
         if policy != "predict":  # demand fetching: the online cache is the replayed policy
             assert s["hit_rate"] == pytest.approx(simulate_hit_rate(off.trace, off.capacity,
                                                                     policy))
-            assert s["bytes_moved"] == s["accesses"] * (1 - s["hit_rate"]) * off.expert_bytes \
-                or abs(s["bytes_moved"] - round(s["accesses"] * (1 - s["hit_rate"]))
-                       * off.expert_bytes) == 0
+            assert off.hits + off.misses == s["accesses"]    # no prefetch, nothing late
+            assert s["bytes_moved"] == off.misses * off.expert_bytes
             assert belady_hit_rate(off.trace, off.capacity) >= s["hit_rate"] - 1e-12
         if budget == 1.0 and policy != "predict":
-            assert s["miss_rate"] * s["accesses"] <= 24   # each expert loaded at most once
+            assert off.misses <= 24                          # each expert loaded once at most
     finally:
         off.close()
 
@@ -194,7 +192,6 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError):
         offload(fresh, budget=1e-9)
     assert [type(layer.experts) for _, layer in fresh.moe_layers()] == kinds
-    assert copy.deepcopy(fresh) is not None
 
 
 # -- the command ------------------------------------------------------------------------------
