@@ -213,8 +213,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 
 # -- run folders ------------------------------------------------------------------------------
-def save_quantized_run(src_run: str | Path, out_dir: str | Path, config: QuantConfig, *,
-                       progress: Any = None) -> Path:
+def save_quantized_run(src_run: str | Path, out_dir: str | Path, config: QuantConfig) -> Path:
     """Quantize the run at ``src_run`` and write it as a new run folder ``out_dir``.
 
     Everything is written into a temporary sibling folder, fsynced, then renamed: a failure
