@@ -216,11 +216,11 @@ class QuantizedExperts(ExpertsBase):
         h = self._matmul(x_RD.to(torch.bfloat16), "in", e).float()
         b_in, b_down = getattr(self, self.in_name + "_bias"), self.down_proj_bias
         if b_in is not None:
-            h = h + b_in[e]
+            h = h + b_in[e].float()
         a = activate(h, c.activation, c.activation_alpha, c.activation_limit, self.interleaved)
         y = self._matmul(a.to(torch.bfloat16), "down", e).float()
         if b_down is not None:
-            y = y + b_down[e]
+            y = y + b_down[e].float()
         return y.to(x_RD.dtype)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
@@ -256,7 +256,7 @@ class Bf16Experts(QuantizedExperts):
 
     def _matmul(self, x_RK: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         w = getattr(self, self._name(proj))[e]
-        return torch.mm(x_RK, w.t().to(x_RK.device))
+        return torch.mm(x_RK, w.t().to(x_RK.dtype))
 
     def dequantized(self, proj: str) -> torch.Tensor:
         return getattr(self, self._name(proj)).float()
@@ -284,6 +284,7 @@ class Int8Experts(QuantizedExperts):
     def _matmul(self, x_RK: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         name = self._name(proj)
         q, s = getattr(self, name + "_qweight")[e], getattr(self, name + "_scales")[e]
+        s = s.to(x_RK.dtype)   # a no-op unless the model was cast (model.to(float16))
         if _int8_kernel_fits(x_RK):
             return torch._weight_int8pack_mm(x_RK.contiguous(), q, s)
         # Guarded fallback (no CPU kernel here): dequantize this expert's weight for the call.
@@ -347,7 +348,7 @@ class Int4Experts(QuantizedExperts):
 
     def _matmul(self, x_RK: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         name = self._name(proj)
-        sz = getattr(self, name + "_scales_zeros")[e]
+        sz = getattr(self, name + "_scales_zeros")[e].to(x_RK.dtype)
         if self._kernel_fits and x_RK.device.type == "cpu":
             if not self._cpu_layout:
                 self._set_cpu_layout(True)
@@ -417,14 +418,15 @@ class Int8Linear(nn.Module):
         if self.training:
             raise RuntimeError("Int8Linear is for inference only: call model.eval()")
         x_RK = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        scales = self.scales.to(torch.bfloat16)
         if _int8_kernel_fits(x_RK):
-            y = torch._weight_int8pack_mm(x_RK, self.qweight, self.scales)
+            y = torch._weight_int8pack_mm(x_RK, self.qweight, scales)
         else:
-            w = self.qweight.to(torch.bfloat16) * self.scales.unsqueeze(-1)
+            w = self.qweight.to(torch.bfloat16) * scales.unsqueeze(-1)
             y = torch.mm(x_RK, w.t())
         y = y.float()
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
