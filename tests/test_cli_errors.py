@@ -43,6 +43,7 @@ def _private_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("SMOE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only contend on a busy machine
     yield
     torch.set_num_threads(threads)
     mp.undo()
@@ -370,3 +371,25 @@ def test_subprocess_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, 
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not valid JSON" in r.stderr
     r = _smoe(["generate", str(bad), "--prompt", "a", "--debug"])
     assert r.returncode == 2 and "Traceback" in r.stderr and "not valid JSON" in r.stderr
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda c: (c / "optimizer.safetensors").unlink(), "missing optimizer.safetensors"),
+    (lambda c: (c / "state.json").write_text("{\"step\": "), "not valid JSON"),
+    (lambda c: (c / "model.safetensors").write_bytes(b""), "empty or truncated"),
+    (lambda c: (c / "optimizer.safetensors").write_bytes(
+        (c / "optimizer.safetensors").read_bytes() + b"junk"), "truncated or damaged"),
+])
+def test_each_damage_is_named_and_the_previous_checkpoint_used(capsys, tmp_path, run, damage,
+                                                               problem):
+    from smoe.checkpoint import checkpoint_dir, read_state
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    damage(copy / "checkpoint")
+    capsys.readouterr()
+    folder = checkpoint_dir(copy)
+    (warning,) = capsys.readouterr().err.strip().splitlines()
+    assert folder == copy / "previous-checkpoints" / "step-000001"
+    assert read_state(folder)["step"] == 1
+    assert problem in warning and str(copy / "checkpoint") in warning

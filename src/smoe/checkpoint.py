@@ -210,8 +210,10 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[Path, int | None, str | 
             except ValueError:
                 pass
         out.append((folder, step, verify_checkpoint(folder)))
-    # Newest first; at equal steps `checkpoint` (listed first) stays first (a stable sort).
-    return sorted(out, key=lambda c: -1 if c[1] is None else c[1], reverse=True)
+    # Newest first; at equal steps `checkpoint` (listed first) stays first (a stable sort). A
+    # folder whose step cannot be read goes first: it may be the newest, and it is damaged, so
+    # it is named and skipped rather than passed over in silence.
+    return sorted(out, key=lambda c: float("inf") if c[1] is None else c[1], reverse=True)
 
 
 def checkpoint_dir(run_dir: str | Path, *, warn: bool = True) -> Path | None:
@@ -222,8 +224,8 @@ def checkpoint_dir(run_dir: str | Path, *, warn: bool = True) -> Path | None:
             return folder
         if warn:
             at = f" (step {step})" if step is not None else ""
-            print(f"smoe: warning: checkpoint {str(folder)!r}{at} is damaged ({problem}); "
-                  "using an earlier one", file=sys.stderr)
+            print(f"smoe: warning: checkpoint {str(folder)!r}{at} is damaged ({problem}): "
+                  "skipped, an earlier one is used if there is one", file=sys.stderr)
     return None
 
 

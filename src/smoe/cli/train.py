@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 
 from smoe.cli.errors import CLIError
 from smoe.cli.options import (add_runtime_options, apply_runtime, load_config_file,
@@ -22,10 +23,11 @@ Train a model on the default corpus (or --data) into RUN_DIR: config.json, token
 metrics.jsonl, tb/, checkpoint/ (the latest) and previous-checkpoints/ (older ones, --keep-
 checkpoints in all). The same seed and data give the same losses.
 
-The model: --preset (presets: {presets}), changed by a --config file ([model], [moe], [train],
-[data] sections; TOML or JSON), by --set SECTION.FIELD=VALUE (any ModelConfig/MoEConfig/
-TrainConfig/DataConfig field) and by the explicit flags, in that order (a later one wins).
-Routers: {routers}.
+The model: --preset, changed by a --config file ([model], [moe], [train], [data] sections;
+TOML or JSON), by --set SECTION.FIELD=VALUE (any ModelConfig/MoEConfig/TrainConfig/DataConfig
+field) and by the explicit flags, in that order (a later one wins).
+{presets}
+{routers}
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits
 (130 / 143); --resume continues exactly. Resuming with a different --steps continues the
@@ -40,8 +42,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
     d = TRAIN_DEFAULTS
     p = sub.add_parser("train", help="train a model into a run folder (or --resume one)",
-                       description=_DESCRIPTION.format(presets=", ".join(PRESETS),
-                                                       routers=", ".join(ROUTERS)),
+                       description=_DESCRIPTION.format(
+                           presets=textwrap.fill("Presets: " + ", ".join(PRESETS), 95),
+                           routers=textwrap.fill("Routers: " + ", ".join(ROUTERS), 95)),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (new or empty; "
                    "with --resume an existing run)")
@@ -165,6 +168,9 @@ def _run(a: argparse.Namespace) -> int:
     from smoe.train.report import format_eval
 
     progress = not a.no_progress
+    # Before the loop takes over SIGTERM (data preparation can take a while), it ends the
+    # command like Ctrl-C: one line, nothing half-written (files are written atomically).
+    previous = _sigterm_as_interrupt()
     try:
         if a.resume:
             unused = sorted(set(moe_fields) | (set(model_fields) - {"preset"}))
@@ -200,11 +206,27 @@ def _run(a: argparse.Namespace) -> int:
         return 128 + exc.signum if exc.signum else 130
     except TypeError as exc:  # a config file's field of the wrong kind for a dataclass
         raise CLIError(str(exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if result.last_eval is not None:
         print(format_eval(result.last_eval))
     print(f"trained to step {result.step} in {result.elapsed_s:.1f} s; run folder "
           f"{result.run_dir}")
     return 0
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (the previous handler, or None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 REGISTER = (register_train,)

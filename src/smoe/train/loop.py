@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +37,7 @@ from smoe.train.optim import (build_optimizer, lr_at, optimizer_state_from_tenso
                               optimizer_state_to_tensors, set_lr)
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "apply_loss_overrides",
-           "evaluate_model"]
+           "evaluate_model", "stop_on_signals"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -379,3 +382,29 @@ class Trainer:
             self.logger.log(row)
         if on_log is not None:
             on_log(row)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT and SIGTERM ask the trainer to stop after the update in progress (it then saves
+    a checkpoint); a second signal stops at once (KeyboardInterrupt). Only in the main thread
+    (the only one Python delivers signals to); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+        print(f"\nsmoe: {signal.Signals(signum).name}: stopping after this step and saving a "
+              "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

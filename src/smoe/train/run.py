@@ -18,13 +18,9 @@ another run's model config, latest weights and tokenizer: a trained run, or a fo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 import shutil
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +35,7 @@ from smoe.config import ModelConfig, preset as get_preset
 from smoe.runs import (RUN_CONFIG, RUN_FORMAT, LoadedRun, generate_text, is_smoe_run,  # noqa: F401
                        latest_checkpoint, load_run, read_run_config)
 from smoe.train.config import TrainConfig
-from smoe.train.loop import Trainer, evaluate_model
+from smoe.train.loop import Trainer, evaluate_model, stop_on_signals
 from smoe.train.metrics import MetricsLogger, truncate_metrics
 from smoe.train.optim import rescheduled
 
@@ -85,13 +81,14 @@ def _check_fresh_dir(run_dir: Path, replace: bool) -> None:
         step = _checkpoint_step(run_dir)
         at = f" (checkpoint at step {step})" if step is not None else ""
         raise FileExistsError(f"{str(run_dir)!r} is an existing smoe run{at}: pass --resume to "
-                              "continue it, or choose a new output folder")
+                              "continue it, --overwrite to replace it, or choose a new output "
+                              "folder")
     raise FileExistsError(f"{str(run_dir)!r} is not empty and is not an smoe run: nothing was "
                           "written; choose a new or empty output folder")
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
-    folder = checkpoint_dir(run_dir)
+    folder = checkpoint_dir(run_dir, warn=False)
     if folder is None:
         return None
     try:
@@ -171,32 +168,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-@contextlib.contextmanager
-def _stop_on_signals(trainer: Trainer):
-    """SIGINT and SIGTERM ask the trainer to stop after the update in progress (it then saves
-    a checkpoint); a second signal stops at once (KeyboardInterrupt). Only in the main thread
-    (the only one Python delivers signals to); the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-
-    def handler(signum, frame):
-        if trainer.stop_requested:
-            raise KeyboardInterrupt
-        trainer.request_stop(signum)
-        print(f"\nsmoe: {signal.Signals(signum).name}: stopping after this step and saving a "
-              "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress: bool,
          device: torch.device | str, log, init_weights: Path | None = None,
          commit_config: dict[str, Any] | None = None) -> RunResult:
@@ -214,7 +185,7 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
 
     _seed_all(train_cfg.seed)
     model = _build_model(model_cfg, device)
-    folder = checkpoint_dir(run_dir) if resume else None
+    folder = checkpoint_dir(run_dir, warn=False) if resume else None
     if folder is not None:
         init_weights = None  # the run's own checkpoint has the weights
     if init_weights is not None:
@@ -247,7 +218,7 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
             _write_json(run_dir / RUN_CONFIG, commit_config)
             trainer.on_checkpoint = None
         trainer.on_checkpoint = commit
-    with _stop_on_signals(trainer), \
+    with stop_on_signals(trainer), \
             MetricsLogger(run_dir, purge_step=trainer.step or None) as logger:
         trainer.logger = logger
         if init_weights is not None and trainer.val:  # where the new run starts from
