@@ -33,13 +33,13 @@ LINKS = {"PCIe 4.0 x16 (25 GB/s)": 25e9, "NVMe (3.5 GB/s)": 3.5e9}
 
 def _decode(model, tokens: list[int]) -> float:
     """Teacher-forced decode of ``tokens`` one at a time through the KV cache: seconds."""
-    from smoe.model import KVCache
+    from smoe.inference.cache import StaticCache
 
-    cache = KVCache.for_model(model, 1, len(tokens))
+    cache = StaticCache.for_model(model, 1, len(tokens))
     t0 = time.perf_counter()
     with torch.no_grad():
-        for i, tok in enumerate(tokens):
-            model(torch.tensor([[tok]]), kv_cache=cache, start_pos=i)
+        for tok in tokens:   # positions continue the cache
+            model(torch.tensor([[tok]]), cache=cache)
     return time.perf_counter() - t0
 
 
