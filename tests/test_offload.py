@@ -208,12 +208,19 @@ def trained_run(tmp_path_factory):
     (root / "data" / "prose.txt").write_text(
         "\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(400)),
         encoding="utf-8")
-    os.environ.setdefault("SMOE_CACHE_DIR", str(root / "cache"))
-    run = root / "run"
-    assert cli_main(["train", "--out", str(run), "--data", str(root / "data"), "--preset",
-                     "tiny-moe", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
-                     "--eval-every", "0", "--eval-batches", "1", "--no-progress"]) == 0
-    return run
+    old_cache = os.environ.get("SMOE_CACHE_DIR")
+    os.environ["SMOE_CACHE_DIR"] = str(root / "cache")   # private, for this module
+    try:
+        run = root / "run"
+        assert cli_main(["train", "--out", str(run), "--data", str(root / "data"), "--preset",
+                         "tiny-moe", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+                         "--eval-every", "0", "--eval-batches", "1", "--no-progress"]) == 0
+        yield run
+    finally:
+        if old_cache is None:
+            os.environ.pop("SMOE_CACHE_DIR", None)
+        else:
+            os.environ["SMOE_CACHE_DIR"] = old_cache
 
 
 def test_generate_with_offload_prints_the_same_text(trained_run, tmp_path, capsys):

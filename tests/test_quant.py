@@ -311,13 +311,20 @@ def float_run(tmp_path_factory):
     text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(400))
     (root / "data").mkdir()
     (root / "data" / "prose.txt").write_text(text, encoding="utf-8")
-    os.environ.setdefault("SMOE_CACHE_DIR", str(root / "cache"))
-    run = root / "run"
-    rc = cli_main(["train", "--out", str(run), "--data", str(root / "data"), "--preset",
-                   "tiny-moe", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
-                   "--eval-every", "0", "--eval-batches", "1", "--no-progress"])
-    assert rc == 0
-    return run
+    old_cache = os.environ.get("SMOE_CACHE_DIR")
+    os.environ["SMOE_CACHE_DIR"] = str(root / "cache")   # private, for this module
+    try:
+        run = root / "run"
+        rc = cli_main(["train", "--out", str(run), "--data", str(root / "data"), "--preset",
+                       "tiny-moe", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+                       "--eval-every", "0", "--eval-batches", "1", "--no-progress"])
+        assert rc == 0
+        yield run
+    finally:
+        if old_cache is None:
+            os.environ.pop("SMOE_CACHE_DIR", None)
+        else:
+            os.environ["SMOE_CACHE_DIR"] = old_cache
 
 
 def test_quantize_command_writes_a_run_that_generate_and_eval_read(float_run, tmp_path, capsys):
