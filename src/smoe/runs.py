@@ -169,6 +169,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu",
     run_cfg, folder, state, model_cfg = latest_checkpoint(run_dir)
     with torch.device("meta"):
         model = SMoETransformer(model_cfg)
+    if "quantization" in run_cfg:  # empty quantized modules: no float expert is made
+        from smoe.inference.quantize import prepare_quantized
+
+        prepare_quantized(model, run_cfg["quantization"])
     if transforms is not None:
         model = transforms(model) or model
     weights = load_model_weights(folder, "cpu")

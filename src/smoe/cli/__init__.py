@@ -29,6 +29,7 @@ Handler = Callable[[argparse.Namespace], int]
 COMMAND_MODULES = (
     "smoe.cli.train",
     "smoe.cli.runs",
+    "smoe.cli.quantize",
     "smoe.cli.hf",
     "smoe.cli.plan",
     "smoe.cli.route",

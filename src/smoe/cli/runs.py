@@ -45,7 +45,24 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--no-stream", action="store_true", help="print the text once at the end")
     add_runtime_options(p)
+    _add_offload_options(p)
     p.set_defaults(handler=_generate)
+
+
+def _add_offload_options(p: argparse.ArgumentParser) -> None:
+    """--offload FRACTION / --offload-policy / --offload-store / --stats-json (see
+    smoe.inference.offload): the same text, with experts served from a memory-mapped store."""
+    g = p.add_argument_group("offloaded experts")
+    g.add_argument("--offload", type=float, default=None, metavar="FRACTION",
+                   help="keep this fraction of the expert bytes in memory; the rest is read "
+                        "from a memory-mapped store on demand")
+    g.add_argument("--offload-policy", choices=("lru", "lfu", "predict"), default="predict",
+                   help="cache eviction, or lru + next-layer-router prefetch (predict)")
+    g.add_argument("--offload-store", default=None, metavar="PATH",
+                   help="the store file (default: a temporary file, removed at the end)")
+    g.add_argument("--stats-json", default=None, metavar="PATH",
+                   help="write hit rate, bytes moved per token, prefetch precision/recall, "
+                        "stall time and tokens/s as JSON")
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -60,6 +77,14 @@ def _generate(a: argparse.Namespace) -> int:
     from smoe.runs import generate_text, load_run, stderr_log
 
     run = load_run(a.run_dir, device, a.dtype)
+    off = None
+    if a.offload is not None:
+        if not 0 < a.offload <= 1:
+            raise CLIError(f"--offload {a.offload} must be a fraction in (0, 1]")
+        from smoe.inference.offload import offload
+
+        off = offload(run.model, budget=a.offload, policy=a.offload_policy,
+                      store=a.offload_store)
     out = sys.stdout
 
     def on_text(piece: str) -> None:
@@ -69,11 +94,26 @@ def _generate(a: argparse.Namespace) -> int:
     if not a.no_stream:
         out.write(prompt)
         out.flush()
-    text = generate_text(run, prompt, a.max_new_tokens, temperature=a.temperature,
-                         top_p=a.top_p, seed=a.seed, top_k=a.top_k, stop=a.stop or (),
-                         on_text=None if a.no_stream else on_text, log=stderr_log)
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        text = generate_text(run, prompt, a.max_new_tokens, temperature=a.temperature,
+                             top_p=a.top_p, seed=a.seed, top_k=a.top_k, stop=a.stop or (),
+                             on_text=None if a.no_stream else on_text, log=stderr_log)
+        seconds = time.perf_counter() - t0
+    finally:
+        if off is not None:
+            off.close()
     out.write(prompt + text + "\n" if a.no_stream else "\n")
     out.flush()
+    if a.stats_json:
+        from smoe.inference.offload import write_stats_json
+
+        new = len(run.tokenizer.encode(text))
+        stats = off.stats(seconds) if off is not None else {"policy": None, "seconds": seconds}
+        stats.update(new_tokens=new, new_tokens_per_s=new / seconds if seconds > 0 else None)
+        write_stats_json(a.stats_json, stats)
     return 0
 
 

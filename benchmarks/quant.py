@@ -1,0 +1,286 @@
+"""Quantized experts, measured: kernels, quality, decode speed against the roofline.
+
+1. Kernels: one expert-sized projection (4096 x 1024) at batch 1, cycling over enough distinct
+   matrices that fp32 weights exceed the last-level cache: fp32 and bf16 matmuls, int8 with
+   bf16 / fp32 activations, int4 g32/g64/g128. Picks what the quantized experts call.
+2. Quality: validation loss (nats per byte) of a trained run per scheme against fp32.
+3. Decode: tokens/s of a random-weights model whose expert weights are >= 4x the LLC, fp32 vs
+   bf16 vs int8 vs int4 experts in the same process, interleaved, beside the roofline
+   (bytes read per token / measured memory bandwidth).
+
+One intra-op thread everywhere (this 2-core machine is shared; 2 threads under contention
+collapse). Candidates interleaved in rounds; medians.
+
+    python benchmarks/quant.py --run RUN_DIR --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _medians(cands: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
+    names = list(cands)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            cands[n]()
+            if r >= warmup:
+                times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def bandwidth_gbs(gib: float = 1.0, reps: int = 5) -> float:
+    """Read bandwidth: the median time of summing a ``gib`` GiB float32 tensor."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    del x
+    return gib * 2**30 / statistics.median(ts) / 1e9
+
+
+# -- 1. kernels ---------------------------------------------------------------------------------
+def kernels(rounds: int) -> list[str]:
+    from smoe.inference.quantized_modules import _pack_cpu_int4, quantize_int4, quantize_int8
+
+    N, K, M = 4096, 1024, 24            # 24 x 16 MiB fp32 = 384 MiB > the 300 MiB L3
+    torch.manual_seed(0)
+    w = torch.randn(M, N, K) * 0.02
+    wb = w.bfloat16()
+    q8 = [quantize_int8(w[i]) for i in range(M)]
+    q4 = {g: [(lambda q, sz: (_pack_cpu_int4(q), sz))(*quantize_int4(w[i], g)) for i in range(M)]
+          for g in (32, 64, 128)}
+    x32 = torch.randn(1, K)
+    xb = x32.bfloat16()
+
+    def loop(fn):
+        return lambda: [fn(i) for i in range(M)]
+
+    cands = {
+        "fp32 matmul": loop(lambda i: torch.mm(x32, w[i].t())),
+        "bf16 matmul": loop(lambda i: torch.mm(xb, wb[i].t())),
+        "int8, bf16 act": loop(lambda i: torch._weight_int8pack_mm(xb, q8[i][0], q8[i][1])),
+        "int8, fp32 act": loop(lambda i: torch._weight_int8pack_mm(x32, q8[i][0],
+                                                                   q8[i][1].float())),
+    }
+    for g in (32, 64, 128):
+        cands[f"int4 g{g}, bf16 act"] = loop(
+            lambda i, g=g: torch._weight_int4pack_mm_for_cpu(xb, q4[g][i][0], g, q4[g][i][1]))
+    cands["int4 g128, fp32 act"] = loop(
+        lambda i: torch._weight_int4pack_mm_for_cpu(x32, q4[128][i][0], 128,
+                                                    q4[128][i][1].float()))
+    bytes_per = {"fp32 matmul": 4, "bf16 matmul": 2, "int8, bf16 act": 1, "int8, fp32 act": 1}
+    med = _medians(cands, rounds)
+    base = med["fp32 matmul"]
+    lines = ["| kernel (x [1, 1024] @ W [4096, 1024]^T) | us per call | GB/s of weights | "
+             "speed-up vs fp32 |", "|---|---|---|---|"]
+    for n, t in med.items():
+        # int4: half a byte per weight plus a bf16 (scale, zero) pair per group
+        b = bytes_per[n] if n in bytes_per else 0.5 + 4 / int(n.split(" g")[1].split(",")[0])
+        lines.append(f"| {n} | {t / M * 1e6:.0f} | {N * K * b * M / t / 1e9:.1f} | "
+                     f"{base / t:.2f}x |")
+    return lines
+
+
+# -- 2. quality ---------------------------------------------------------------------------------
+def quality(run_dir: str, batches: int) -> list[str]:
+    from smoe.data import DataConfig, prepare_data, val_batches
+    from smoe.inference.quantize import quantize, weight_bytes
+    from smoe.runs import load_run
+
+    run = load_run(run_dir)
+    data = prepare_data(DataConfig(**(run.config.get("data") or {})), run_dir=run.run_dir)
+    seq = run.config["train"]["seq_len"]
+    val = list(val_batches(data.val, 4, seq, max_batches=batches))
+    bpt = data.val.bytes_per_token()
+
+    def loss(model) -> float:
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for b in val:
+                out = model(b.x_BT, b.y_BT)
+                tot += float(out.loss) * b.y_BT.numel()
+                n += b.y_BT.numel()
+        return tot / n / bpt
+
+    schemes = [("fp32", None), ("bf16 experts", dict(experts="bf16")),
+               ("int8 experts", dict(experts="int8")),
+               ("int4 g128 experts", dict(experts="int4", group_size=128)),
+               ("int4 g64 experts", dict(experts="int4", group_size=64)),
+               ("int4 g32 experts", dict(experts="int4", group_size=32)),
+               ("int8 experts + int8 attention", dict(experts="int8", attention="int8")),
+               ("int4 g128 experts + int8 attention + int8 dense",
+                dict(experts="int4", group_size=128, attention="int8", dense="int8"))]
+    base = None
+    lines = ["| scheme | val loss (nats/byte) | change vs fp32 | expert bytes | total bytes |",
+             "|---|---|---|---|---|"]
+    for name, kw in schemes:
+        m = copy.deepcopy(run.model)
+        if kw:
+            quantize(m, **kw)
+        v = loss(m)
+        base = v if base is None else base
+        b = weight_bytes(m)
+        lines.append(f"| {name} | {v:.4f} | {100 * (v - base) / base:+.2f}% | "
+                     f"{b['experts'] / 2**20:.2f} MiB | {b['total'] / 2**20:.2f} MiB |")
+    return lines
+
+
+# -- 2b. patched transformers models ------------------------------------------------------------
+HF = {
+    "mixtral": dict(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(intermediate_size=256, moe_intermediate_size=128, num_experts=16,
+                      num_experts_per_tok=4, norm_topk_prob=True, head_dim=32),
+    "deepseek_v3": dict(intermediate_size=256, moe_intermediate_size=128, n_routed_experts=16,
+                        num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
+                        first_k_dense_replace=1, num_key_value_heads=4, kv_lora_rank=32,
+                        q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32),
+}
+
+
+def hf_models() -> list[str]:
+    """Random-weight tiny transformers models (no trained ones offline): how far each scheme
+    moves the next-token distribution, KL(fp32 || quantized) per token and top-1 agreement,
+    on random input ids. Weights N(0, 0.05) so the experts matter."""
+    import transformers
+
+    import smoe.hf
+    from smoe.inference.quantize import quantize
+
+    transformers.utils.logging.set_verbosity_error()
+    base = dict(vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    lines = ["| model | scheme | KL(fp32 \\|\\| q) nats/token | top-1 agreement |",
+             "|---|---|---|---|"]
+    ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    for family, kw in HF.items():
+        config = transformers.AutoConfig.for_model(family, **{**base, **kw})
+        torch.manual_seed(0)
+        ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if not ("norm" in name and p.dim() == 1):
+                    p.normal_(std=0.05)
+            logp = ref(ids).logits.float().log_softmax(-1)
+        for scheme, g, att in (("int8", 128, None), ("int4", 128, None), ("int4", 32, None),
+                               ("int8", 128, "int8")):
+            m = copy.deepcopy(ref)
+            smoe.hf.patch(m)
+            quantize(m, experts=scheme, group_size=g, attention=att)
+            with torch.no_grad():
+                logq = m(ids).logits.float().log_softmax(-1)
+            kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+            agree = (logp.argmax(-1) == logq.argmax(-1)).float().mean().item()
+            name = f"{scheme}" + (f" g{g}" if scheme == "int4" else "") + " experts" + \
+                (" + int8 attention" if att else "")
+            lines.append(f"| {family} | {name} | {kl:.2e} | {100 * agree:.1f}% |")
+    return lines
+
+
+# -- 3. decode speed on a large-weights model ---------------------------------------------------
+def decode_speed(rounds: int, new_tokens: int) -> list[str]:
+    from smoe.config import ModelConfig, MoEConfig
+    from smoe.inference import generate
+    from smoe.inference.quantize import quantize, weight_bytes
+    from smoe.model import SMoETransformer
+
+    # Experts: 4 layers x 20 experts x (2*1536 + 1536) x 1024 x 4 B = 1.4 GiB fp32 >= 4 x 300 MiB.
+    moe = MoEConfig(hidden_size=1024, expert_size=1536, num_experts=20, top_k=2)
+    cfg = ModelConfig(vocab_size=257, hidden_size=1024, num_layers=4, num_heads=8,
+                      num_kv_heads=4, max_seq_len=256, moe=moe)
+    with torch.device("meta"):
+        base = SMoETransformer(cfg)
+    base.to_empty(device="cpu")
+    torch.manual_seed(0)
+    base.reset_parameters()
+    base.eval()
+    models = {"fp32": base}
+    for s in ("bf16", "int8", "int4"):
+        m = copy.deepcopy(base)
+        quantize(m, experts=s, group_size=128)
+        models[f"{s} experts"] = m
+        gc.collect()
+    prompt = list(range(10, 26))
+    cands = {n: (lambda m=m: generate(m, prompt, new_tokens, temperature=0.0))
+             for n, m in models.items()}
+    med = _medians(cands, rounds)
+    bw = bandwidth_gbs()
+    per_expert = {n: weight_bytes(m)["experts"] / (cfg.num_layers * moe.num_experts)
+                  for n, m in models.items()}
+    lines = [f"Model: D=1024, F=1536, E=20, top-2, 4 layers; fp32 expert weights "
+             f"{weight_bytes(base)['experts'] / 2**30:.2f} GiB (LLC 300 MiB); {new_tokens} new "
+             f"tokens after a 16-token prompt; measured read bandwidth {bw:.1f} GB/s (1 thread).",
+             "", "| experts | expert bytes | decode tokens/s | vs fp32 | roofline tokens/s | "
+                 "% of roofline |", "|---|---|---|---|---|---|"]
+    fp32_tps = new_tokens / med["fp32"]
+    for n, m in models.items():
+        wb = weight_bytes(m)
+        # bytes read per decode token: K experts per layer + everything that is not an expert
+        per_token = cfg.num_layers * moe.top_k * per_expert[n] + wb["other"]
+        roof = bw * 1e9 / per_token
+        tps = new_tokens / med[n]
+        lines.append(f"| {n} | {wb['experts'] / 2**20:.0f} MiB | {tps:.1f} | "
+                     f"{tps / fp32_tps:.2f}x | {roof:.1f} | {100 * tps / roof:.0f}% |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", help="a trained run for the quality table")
+    p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--skip", action="append", default=[], choices=("kernels", "quality", "hf",
+                                                                   "decode"))
+    p.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    out = ["## Quantized experts (benchmarks/quant.py)", "",
+           f"Command: `python benchmarks/quant.py {' '.join(sys.argv[1:])}`; torch "
+           f"{torch.__version__}, 1 thread, {cpu}; medians over {a.rounds} interleaved rounds; "
+           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared "
+           "machine: absolute times are inflated, ratios within a round are what to read).",
+           ""]
+    if "kernels" not in a.skip:
+        out += ["### Kernels at batch 1", ""] + kernels(a.rounds) + [""]
+        print("\n".join(out), flush=True)
+    if "quality" not in a.skip and a.run:
+        out += [f"### Validation loss per scheme ({a.run}, {a.val_batches} batches of 4)", ""]
+        out += quality(a.run, a.val_batches) + [""]
+        print("\n".join(out[-12:]), flush=True)
+    if "hf" not in a.skip:
+        out += ["### Patched transformers models (random weights)", ""] + hf_models() + [""]
+    if "decode" not in a.skip:
+        out += ["### Decode speed on a large-weights model (random weights)", ""]
+        out += decode_speed(a.rounds, a.new_tokens) + [""]
+    text = "\n".join(out)
+    print(text)
+    if a.write:
+        from smoe.bench import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", text, "<!-- quant-bench:start -->",
+                      "<!-- quant-bench:end -->")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
