@@ -1,21 +1,32 @@
-"""Dispatch: turn a router's decision into expert-sorted assignments, and back.
+"""Dispatch: turn a router's decision into expert-sorted rows for the experts, and back.
 
 Legend: T tokens, D hidden, E experts, K slots per token, A assignments (token, expert, weight)
 kept after capacity; ``*_A`` tensors are sorted by expert so each expert's rows are contiguous.
 
 The cost of dispatch grows with A = T*K (or E*C for expert choice), never with T*E: there is no
 one-hot tensor over experts and no Python loop over tokens or experts.
+
+:class:`LocalDispatcher` is the seam ``MoELayer`` calls (``layer.dispatcher``): plan with
+capacity, permute rows to the experts, run them, combine back; plus the small-batch decode
+shortcut. It is stateless in the sense of torchtitan's token dispatcher: everything
+:meth:`~LocalDispatcher.combine` needs comes back from :meth:`~LocalDispatcher.dispatch` in a
+:class:`Dispatched`, nothing is kept on the object between the two. An expert-parallel
+dispatcher subclasses it and overrides ``dispatch``/``combine`` (all-to-all in between) and sets
+``decode_shortcut = False``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from smoe.nn.router import RouterOutput
 
-__all__ = ["Assignments", "plan_assignments", "plan_assignments_reference", "combine"]
+__all__ = ["Assignments", "Dispatched", "LocalDispatcher", "plan_assignments",
+           "plan_assignments_reference", "combine"]
 
 
 @dataclass
@@ -141,3 +152,105 @@ def combine(y_AD: torch.Tensor, plan: Assignments, num_tokens: int,
         y_AD = y_AD * plan.weight_A.to(y_AD.dtype).unsqueeze(-1)
     out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
     return out_TD.index_add_(0, plan.token_A, y_AD)
+
+
+@dataclass
+class Dispatched:
+    """What :meth:`LocalDispatcher.dispatch` hands to the experts and back to ``combine``.
+
+    x_AD: rows for the (local) experts, expert-sorted (already scaled by the router weight
+        when ``weights_on_input``); counts_E: rows per (local) expert; expert_A: the (local)
+        expert of each row (None allowed when the experts have no biases);
+    plan: the global :class:`Assignments` (what MoEInfo reports);
+    state: dispatcher-private data for ``combine`` (e.g. all-to-all split sizes);
+    num_tokens: T, the number of output rows of ``combine``.
+    """
+
+    x_AD: torch.Tensor
+    counts_E: torch.Tensor
+    expert_A: torch.Tensor | None
+    plan: Assignments
+    state: Any = None
+    num_tokens: int = 0
+
+
+class LocalDispatcher:
+    """Single-device dispatch: plan (capacity), permute, run the experts, combine.
+
+    ``decode_max_tokens``: up to this many tokens, without autograd, on CPU, dropless token
+    choice, the plan/sort/scatter is skipped and each token's chosen experts run one by one
+    through ``experts.expert_forward`` (reads only the chosen experts' weights; see
+    ``benchmarks/layer.py`` for the crossover). On accelerators the sorted path is used
+    instead: it needs no host sync. ``decode_shortcut = False`` turns it off (subclasses whose
+    experts are not all local must).
+    """
+
+    decode_shortcut = True
+
+    def __init__(self, decode_max_tokens: int = 1) -> None:
+        self.decode_max_tokens = decode_max_tokens
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(decode_max_tokens={self.decode_max_tokens})"
+
+    # -- the two halves ---------------------------------------------------------------------
+    def dispatch(self, x_TD: torch.Tensor, route: RouterOutput, *, num_experts: int,
+                 capacity: int | None, weights_on_input: bool) -> Dispatched:
+        """Plan with capacity and gather each kept (token, expert) row, expert-sorted."""
+        plan = plan_assignments(route, num_experts, capacity)
+        x_AD = x_TD.index_select(0, plan.token_A)
+        if weights_on_input:
+            x_AD = x_AD * plan.weight_A.to(x_AD.dtype).unsqueeze(-1)
+        return Dispatched(x_AD, plan.counts_E, plan.expert_A, plan, None, x_TD.shape[0])
+
+    def combine(self, y_AD: torch.Tensor, d: Dispatched, *,
+                weights_on_input: bool) -> torch.Tensor:
+        """Scatter the experts' rows back to their tokens (weighted unless the weights were
+        applied on the input): out_TD."""
+        return combine(y_AD, d.plan, d.num_tokens, weighted=not weights_on_input)
+
+    # -- the whole routed part ------------------------------------------------------------
+    def __call__(self, x_TD: torch.Tensor, route: RouterOutput, experts: nn.Module, *,
+                 capacity: int | None,
+                 weights_on_input: bool) -> tuple[torch.Tensor, Assignments | None]:
+        """(out_TD, plan): the routed experts' weighted sum per token. ``plan`` is None when the
+        decode shortcut ran (then MoEInfo counts from ``route.experts_TK``)."""
+        if self.shortcut_applies(x_TD, route, capacity):
+            return self.decode(x_TD, route, experts, weights_on_input=weights_on_input), None
+        d = self.dispatch(x_TD, route, num_experts=route.logits_TE.shape[-1], capacity=capacity,
+                          weights_on_input=weights_on_input)
+        y_AD = experts(d.x_AD, d.counts_E, d.expert_A)
+        return self.combine(y_AD, d, weights_on_input=weights_on_input), d.plan
+
+    # -- the small-batch decode shortcut ------------------------------------------------------
+    def shortcut_applies(self, x_TD: torch.Tensor, route: RouterOutput,
+                         capacity: int | None) -> bool:
+        return (self.decode_shortcut and x_TD.shape[0] <= self.decode_max_tokens
+                and route.token_choice and capacity is None and not torch.is_grad_enabled()
+                and x_TD.device.type == "cpu")
+
+    @staticmethod
+    def decode(x_TD: torch.Tensor, route: RouterOutput, experts: nn.Module, *,
+               weights_on_input: bool) -> torch.Tensor:
+        """Each token through its K experts' ``expert_forward``, weighted sum: out_TD. Memory-
+        bound like a dense FFN of width K*F; reads the routing decisions on the host."""
+        # Each op costs a few microseconds of dispatch, comparable to reading one small expert's
+        # weights, so the loop keeps to row views and in-place accumulation.
+        rows = []
+        for t, (row_e, row_w) in enumerate(zip(route.experts_TK.tolist(),
+                                               route.weights_TK.tolist())):
+            x_1D = x_TD[t:t + 1]
+            acc_1D = None
+            for e, w in zip(row_e, row_w):
+                if weights_on_input:
+                    y = experts.expert_forward(x_1D * w, e)
+                elif acc_1D is None:
+                    y = experts.expert_forward(x_1D, e) * w
+                else:
+                    acc_1D.add_(experts.expert_forward(x_1D, e), alpha=w)
+                    continue
+                acc_1D = y if acc_1D is None else acc_1D.add_(y)
+            rows.append(acc_1D if acc_1D is not None else torch.zeros_like(x_1D))
+        if not rows:
+            return torch.zeros_like(x_TD)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)

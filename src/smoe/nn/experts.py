@@ -1,17 +1,37 @@
-"""Routed experts as stacked weights, with interchangeable compute backends.
+"""Routed experts: the experts protocol, stacked weights, and a registry of compute backends.
 
-Legend: E experts, D hidden, F expert inner width, A expert-sorted rows (see ``dispatch``).
+Legend: E experts, D hidden, F expert inner width, I = 2F (gated) or F, A expert-sorted rows
+(see ``dispatch``), R any rows.
 
-Weights follow the ``nn.Linear`` convention (out x in), stacked on a leading expert dimension,
-the same layout transformers 5.x uses for Mixtral/Qwen-MoE/OLMoE, so that interop can hand the
-model's own parameters to smoe without a copy:
+**The protocol** (:class:`ExpertsBase`). Whatever sits in ``MoELayer.experts`` -- the stacked
+experts below, DBRX's split layout, quantized or offloaded experts, an expert-parallel shard --
+provides
+
+* ``forward(x_AD, counts_E, expert_A=None) -> y_AD``: every (local) expert on its contiguous
+  block of expert-sorted rows (``counts_E[e]`` rows for expert ``e``; ``expert_A`` the expert
+  of each row, needed only for biases);
+* ``expert_forward(x_RD, e) -> y_RD``: one expert on any rows, plain math. It is the reference
+  the fast forward is judged against, and the small-batch decode shortcut of the dispatcher is
+  built on it, so a swapped-in module is used on every path;
+* ``num_experts`` (local count) and ``config`` (the :class:`~smoe.config.MoEConfig`).
+
+:class:`ExpertsBase` gives a default ``forward`` that loops ``expert_forward`` over the blocks,
+so a new format needs only ``expert_forward`` to be correct, and a fast ``forward`` to be fast.
+
+**Stacked weights** (:class:`Experts`). Weights follow the ``nn.Linear`` convention (out x in),
+stacked on a leading expert dimension, the layout transformers 5.x uses for Mixtral/Qwen-MoE/
+OLMoE, so that interop can hand the model's own parameters to smoe without a copy:
 
 * gated activations: ``gate_up_proj`` [E, 2F, D] (gate rows first, then up rows);
 * plain activations: ``up_proj`` [E, F, D];
 * ``down_proj`` [E, D, F]; optional biases ``gate_up_proj_bias`` / ``up_proj_bias`` [E, *],
   ``down_proj_bias`` [E, D].
 
-Backends (``Experts.backend``):
+Other formats' storage (gpt-oss/Llama-4 store in x out: ``transposed``; gpt-oss interleaves the
+gate/up columns: ``interleaved``) is read through one accessor, :meth:`Experts.stacked_weights`,
+which returns :class:`StackedWeights` views oriented for ``x @ w``; the backends see only those.
+
+**Backends** (``Experts.backend``, registry :data:`EXPERTS_BACKENDS`):
 
 * ``grouped_mm``: one grouped GEMM per projection over expert-contiguous rows
   (``torch.nn.functional.grouped_mm``, float32/bfloat16/float16, CPU and CUDA);
@@ -21,10 +41,14 @@ Backends (``Experts.backend``):
   leading strides must be multiples of 16 bytes: D and F divisible by 4 in float32), else
   ``loop``.
 
-:meth:`Experts.expert_forward` runs one expert on any rows with plain matmuls: the reference.
+Each backend is judged against :meth:`Experts.expert_forward` in ``tests/test_layer.py``.
+:func:`register_experts_backend` adds one (a Triton or quantized kernel) without editing this file.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +56,12 @@ from torch import nn
 
 from smoe.config import GATED_ACTIVATIONS, MoEConfig
 
-__all__ = ["Experts", "DenseMLP", "activate", "gated_activation", "BACKENDS"]
+__all__ = ["ExpertsBase", "Experts", "StackedWeights", "ExpertsBackend", "EXPERTS_BACKENDS",
+           "register_experts_backend", "DenseMLP", "activate", "gated_activation", "BACKENDS",
+           "GROUPED_MM_DTYPES", "grouped_mm_aligned", "matmul_per_expert"]
 
-BACKENDS = ("auto", "grouped_mm", "loop")
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GROUPED_MM_DTYPES = GROUPED_MM_DTYPES  # old private name, still imported by smoe.hf.experts
 
 
 def activate(h: torch.Tensor, activation: str, alpha: float = 1.702,
@@ -77,8 +103,8 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str,
     raise ValueError(f"activation={activation!r} is invalid")
 
 
-def _grouped_mm_aligned(x_AD: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
-                        inner: int) -> bool:
+def grouped_mm_aligned(x_AD: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor,
+                       inner: int) -> bool:
     """Whether ``grouped_mm`` accepts these operands: each matrix's leading stride (and the
     width ``inner`` of the contiguous activation fed to the second GEMM) must be a multiple of
     16 bytes, so e.g. float32 needs D and F divisible by 4, bfloat16 by 8."""
@@ -87,12 +113,136 @@ def _grouped_mm_aligned(x_AD: torch.Tensor, w_in: torch.Tensor, w_down: torch.Te
     return all(s % align == 0 for s in leading + [inner])
 
 
-class Experts(nn.Module):
+_grouped_mm_aligned = grouped_mm_aligned  # old private name, still imported by smoe.hf.experts
+
+
+def matmul_per_expert(x_AI: torch.Tensor, w_EIO: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Row block e of x times w[e]; experts with no rows cost nothing."""
+    parts = [x_e @ w_e for x_e, w_e, n in zip(x_AI.split(sizes), w_EIO.unbind(0), sizes) if n]
+    # No rows at all: an empty product that stays in the autograd graph (not new_zeros).
+    return torch.cat(parts) if parts else x_AI @ w_EIO[0]
+
+
+def add_bias(h: torch.Tensor, bias_E: torch.Tensor | None,
+             expert_A: torch.Tensor | None) -> torch.Tensor:
+    """h + bias of each row's expert (nothing without a bias)."""
+    if bias_E is None:
+        return h
+    if expert_A is None:
+        raise ValueError("expert biases need expert_A, the expert of each row")
+    return h + bias_E[expert_A].to(h.dtype)
+
+
+# -- the protocol -----------------------------------------------------------------------------
+class ExpertsBase(nn.Module):
+    """The experts protocol (see the module docstring): subclass it, or provide the same
+    methods and attributes. Subclasses own their parameters; nothing here creates any, so a
+    format never has to delete a parent's parameter.
+
+    ``num_experts`` is the number of experts this module holds (the local count under expert
+    parallelism); ``config.num_experts`` stays the layer's global count.
+    """
+
+    def __init__(self, config: MoEConfig, num_experts: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts if num_experts is None else num_experts
+
+    def expert_forward(self, x_RD: torch.Tensor, e: int) -> torch.Tensor:
+        """Local expert ``e`` on rows ``x_RD``: y_RD, plain math (the reference)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement expert_forward")
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                expert_A: torch.Tensor | None = None) -> torch.Tensor:
+        """Every expert on its contiguous rows, by :meth:`expert_forward` (correct, not fast)."""
+        sizes = counts_E.tolist()
+        parts = [self.expert_forward(x_e, e) for e, (x_e, n)
+                 in enumerate(zip(x_AD.split(sizes), sizes)) if n]
+        if not parts:  # no rows (A = 0): an empty output that stays in the autograd graph
+            return x_AD * 0
+        return torch.cat(parts)
+
+
+# -- the stacked layout and its backends --------------------------------------------------
+@dataclass(frozen=True)
+class StackedWeights:
+    """Views of stacked expert weights oriented for ``x @ w`` (no copy), whatever the storage.
+
+    w_in [E, D, I], w_down [E, F, D]; biases [E, I] / [E, D] or None; ``interleaved``: gate/up
+    columns of ``w_in`` alternate (gpt-oss) instead of forming two halves.
+    """
+
+    w_in: torch.Tensor
+    w_down: torch.Tensor
+    b_in: torch.Tensor | None
+    b_down: torch.Tensor | None
+    interleaved: bool
+
+
+ActivationFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertsBackend:
+    """One way to compute stacked experts over expert-sorted rows.
+
+    ``run(w, x_AD, counts_E, expert_A, act) -> y_AD``; ``supports(w, x_AD, inner)`` says whether
+    it can run these operands (``auto`` takes the first backend in its preference that does).
+    """
+
+    run: Callable[[StackedWeights, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                   ActivationFn], torch.Tensor]
+    supports: Callable[[StackedWeights, torch.Tensor, int], bool] = lambda w, x, inner: True
+
+
+def _run_grouped_mm(w: StackedWeights, x_AD: torch.Tensor, counts_E: torch.Tensor,
+                    expert_A: torch.Tensor | None, act: ActivationFn) -> torch.Tensor:
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    h = F.grouped_mm(x_AD, w.w_in, offs=offs_E)
+    h = add_bias(h, w.b_in, expert_A)
+    y = F.grouped_mm(act(h), w.w_down, offs=offs_E)
+    return add_bias(y, w.b_down, expert_A)
+
+
+def _grouped_mm_supports(w: StackedWeights, x_AD: torch.Tensor, inner: int) -> bool:
+    return x_AD.dtype in GROUPED_MM_DTYPES and grouped_mm_aligned(x_AD, w.w_in, w.w_down, inner)
+
+
+def _run_loop(w: StackedWeights, x_AD: torch.Tensor, counts_E: torch.Tensor,
+              expert_A: torch.Tensor | None, act: ActivationFn) -> torch.Tensor:
+    sizes = counts_E.tolist()
+    h = add_bias(matmul_per_expert(x_AD, w.w_in, sizes), w.b_in, expert_A)
+    y = matmul_per_expert(act(h), w.w_down, sizes)
+    return add_bias(y, w.b_down, expert_A)
+
+
+#: name -> backend. ``auto`` is resolved per call through :data:`AUTO_PREFERENCE`.
+EXPERTS_BACKENDS: dict[str, ExpertsBackend | None] = {
+    "auto": None,
+    "grouped_mm": ExpertsBackend(_run_grouped_mm, _grouped_mm_supports),
+    "loop": ExpertsBackend(_run_loop),
+}
+#: The order in which ``auto`` tries backends; ``loop`` runs anything.
+AUTO_PREFERENCE = ["grouped_mm", "loop"]
+BACKENDS = ("auto", "grouped_mm", "loop")  # the built-in names (kept for callers)
+
+
+def register_experts_backend(name: str, backend: ExpertsBackend, *,
+                             prefer_in_auto: bool = False) -> None:
+    """Add a backend (e.g. a Triton kernel) under ``name``; with ``prefer_in_auto`` ``auto``
+    tries it first wherever its ``supports`` says yes."""
+    if not name or name == "auto":
+        raise ValueError(f"name={name!r} is invalid: a non-empty name other than 'auto'")
+    EXPERTS_BACKENDS[name] = backend
+    if prefer_in_auto and name not in AUTO_PREFERENCE:
+        AUTO_PREFERENCE.insert(0, name)
+
+
+class Experts(ExpertsBase):
     """E feed-forward experts with stacked weights; see the module docstring for the layout."""
 
     def __init__(self, config: MoEConfig, backend: str = "auto") -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         E, D, Fw = config.num_experts, config.hidden_size, config.expert_size
         in_rows = 2 * Fw if config.gated else Fw
         self.in_name = "gate_up_proj" if config.gated else "up_proj"
@@ -105,27 +255,35 @@ class Experts(nn.Module):
             self.register_parameter(self.in_name + "_bias", None)
             self.down_proj_bias = None
         # Interop may set these to read another layout without copying (gpt-oss interleaves
-        # gate/up columns and stores weights as in x out).
+        # gate/up columns and stores weights as in x out); only stacked_weights() reads them.
         self.interleaved = False
         self.transposed = False
         self.backend = backend
         nn.init.normal_(self.in_proj, std=config.init_std)
         nn.init.normal_(self.down_proj, std=config.init_std)
 
-    # -- weights in the canonical [E, out, in] orientation ----------------------------------
+    # -- the one accessor of the storage layout -------------------------------------------
     @property
     def in_proj(self) -> torch.Tensor:
+        """The stored input projection (``gate_up_proj`` or ``up_proj``), as stored."""
         return getattr(self, self.in_name)
 
     @property
     def in_proj_bias(self) -> torch.Tensor | None:
         return getattr(self, self.in_name + "_bias")
 
+    def stacked_weights(self) -> StackedWeights:
+        """The weights as :class:`StackedWeights` views for ``x @ w``, whatever the storage."""
+        w_in, w_down = self.in_proj, self.down_proj
+        if not self.transposed:
+            w_in, w_down = w_in.transpose(1, 2), w_down.transpose(1, 2)
+        return StackedWeights(w_in, w_down, self.in_proj_bias, self.down_proj_bias,
+                              self.interleaved)
+
     def weights_in_out(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_in [E, in, out_in], w_down [E, F, D]) oriented for ``x @ w`` (views, no copy)."""
-        if self.transposed:
-            return self.in_proj, self.down_proj
-        return self.in_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+        """(w_in [E, D, I], w_down [E, F, D]) oriented for ``x @ w`` (views, no copy)."""
+        w = self.stacked_weights()
+        return w.w_in, w.w_down
 
     @property
     def backend(self) -> str:
@@ -133,92 +291,43 @@ class Experts(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"backend={name!r} is invalid: must be one of {', '.join(BACKENDS)}")
+        if name not in EXPERTS_BACKENDS:
+            raise ValueError(f"backend={name!r} is invalid: must be one of "
+                             f"{', '.join(EXPERTS_BACKENDS)}")
         self._backend = name
 
-    def _act(self, h: torch.Tensor) -> torch.Tensor:
+    def _act(self, h: torch.Tensor, interleaved: bool | None = None) -> torch.Tensor:
         c = self.config
-        return activate(h, c.activation, c.activation_alpha, c.activation_limit, self.interleaved)
+        return activate(h, c.activation, c.activation_alpha, c.activation_limit,
+                        self.interleaved if interleaved is None else interleaved)
 
     # -- the reference: one expert, plain matmuls ----------------------------------------
     def expert_forward(self, x_RD: torch.Tensor, e: int) -> torch.Tensor:
-        w_in, w_down = self.weights_in_out()
-        h = x_RD @ w_in[e]
-        if self.in_proj_bias is not None:
-            h = h + self.in_proj_bias[e]
-        y = self._act(h) @ w_down[e]
-        if self.down_proj_bias is not None:
-            y = y + self.down_proj_bias[e]
+        w = self.stacked_weights()
+        h = x_RD @ w.w_in[e]
+        if w.b_in is not None:
+            h = h + w.b_in[e]
+        y = self._act(h, w.interleaved) @ w.w_down[e]
+        if w.b_down is not None:
+            y = y + w.b_down[e]
         return y
 
-    # -- the fast paths: all experts over expert-sorted rows ------------------------------
+    # -- the fast path: all experts over expert-sorted rows --------------------------------
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
                 expert_A: torch.Tensor | None = None) -> torch.Tensor:
-        """Run each expert on its contiguous rows: y_AD. ``expert_A`` is needed for biases."""
-        backend = self._backend
-        w_in, w_down = self.weights_in_out()
-        if backend == "auto":
-            fits = x_AD.dtype in _GROUPED_MM_DTYPES and _grouped_mm_aligned(
-                x_AD, w_in, w_down, self.config.expert_size)
-            backend = "grouped_mm" if fits else "loop"
-        if backend == "grouped_mm":
-            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h = F.grouped_mm(x_AD, w_in, offs=offs_E)
-            h = self._add_bias(h, self.in_proj_bias, expert_A)
-            y = F.grouped_mm(self._act(h), w_down, offs=offs_E)
-        else:
-            sizes = counts_E.tolist()
-            h = self._matmul_per_expert(x_AD, w_in, sizes)
-            h = self._add_bias(h, self.in_proj_bias, expert_A)
-            y = self._matmul_per_expert(self._act(h), w_down, sizes)
-        return self._add_bias(y, self.down_proj_bias, expert_A)
+        """Run each expert on its contiguous rows with the chosen backend: y_AD."""
+        w = self.stacked_weights()
+        name = self._backend
+        if name == "auto":
+            inner = self.config.expert_size
+            name = next(n for n in AUTO_PREFERENCE
+                        if EXPERTS_BACKENDS[n].supports(w, x_AD, inner))
+        return EXPERTS_BACKENDS[name].run(
+            w, x_AD, counts_E, expert_A, lambda h: self._act(h, w.interleaved))
 
-    def forward_decode(self, x_TD: torch.Tensor, experts_TK: torch.Tensor,
-                       weights_TK: torch.Tensor, weighted: bool = True) -> torch.Tensor:
-        """Few tokens, no autograd (decoding): walk the (token, expert) pairs and read only the
-        chosen experts' weights, with no sort, gather or scatter. Memory-bound like a dense FFN
-        of width K*F. Reads routing decisions on the host, so it is meant for CPU inference.
-        """
-        # Each op here costs a few microseconds of dispatch, comparable to reading one small
-        # expert's weights, so the loop keeps to torch.mm on views and in-place updates.
-        w_in, w_down = self.weights_in_out()
-        b_in, b_down = self.in_proj_bias, self.down_proj_bias
-        rows = []
-        for t, (row_e, row_w) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
-            x_1D = x_TD[t:t + 1]
-            acc_1D = None
-            for e, w in zip(row_e, row_w):
-                h = torch.mm(x_1D if weighted else x_1D * w, w_in[e])
-                if b_in is not None:
-                    h += b_in[e]
-                y = torch.mm(self._act(h), w_down[e])
-                if b_down is not None:
-                    y += b_down[e]
-                scale = w if weighted else 1.0
-                acc_1D = y.mul_(scale) if acc_1D is None else acc_1D.add_(y, alpha=scale)
-            rows.append(acc_1D if acc_1D is not None else torch.zeros_like(x_1D))
-        if not rows:
-            return torch.zeros_like(x_TD)
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
-
-    @staticmethod
-    def _matmul_per_expert(x_AI: torch.Tensor, w_EIO: torch.Tensor,
-                           sizes: list[int]) -> torch.Tensor:
-        """Row block e of x times w[e]; experts with no rows cost nothing."""
-        parts = [x_e @ w_e for x_e, w_e, n in zip(x_AI.split(sizes), w_EIO.unbind(0), sizes)
-                 if n]
-        # No rows at all: an empty product that stays in the autograd graph (not new_zeros).
-        return torch.cat(parts) if parts else x_AI @ w_EIO[0]
-
-    @staticmethod
-    def _add_bias(h: torch.Tensor, bias_E: torch.Tensor | None,
-                  expert_A: torch.Tensor | None) -> torch.Tensor:
-        if bias_E is None:
-            return h
-        if expert_A is None:
-            raise ValueError("expert biases need expert_A, the expert of each row")
-        return h + bias_E[expert_A].to(h.dtype)
+    # Old names kept for smoe.hf.experts.SplitExperts (which subclasses this class).
+    _matmul_per_expert = staticmethod(matmul_per_expert)
+    _add_bias = staticmethod(add_bias)
 
 
 class DenseMLP(nn.Module):

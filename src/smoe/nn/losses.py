@@ -1,7 +1,8 @@
 """Router losses. Legend: T tokens, E experts, K experts per token, S sequences.
 
-All functions return unweighted float32 scalars (float64 for float64 inputs); the layer
-multiplies by the config's coefficients. Each is zero for an empty batch.
+The loss functions return unweighted float32 scalars (float64 for float64 inputs); each is
+zero for an empty batch. :func:`router_aux_loss` and :func:`router_z_loss` apply a layer's
+config (which losses, which coefficients) to one routing decision: what ``MoEInfo`` reports.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ import math
 
 import torch
 
+from smoe.config import MoEConfig
+from smoe.nn.router import RouterOutput
+
 __all__ = [
     "load_balancing_loss",
     "sequence_balance_loss",
     "z_loss",
     "cv_squared",
     "noisy_topk_losses",
+    "router_aux_loss",
+    "router_z_loss",
 ]
 
 
@@ -114,3 +120,32 @@ def noisy_topk_losses(logits_TE: torch.Tensor, noisy_TE: torch.Tensor,
     prob_TE = 0.5 * (1 + torch.erf(z_TE / math.sqrt(2)))
     load = cv_squared(prob_TE.sum(dim=0))
     return importance, load
+
+
+def router_aux_loss(config: MoEConfig, route: RouterOutput, num_sequences: int) -> torch.Tensor:
+    """The weighted balance losses of one layer's routing decision (0-d): Switch/GShard
+    (``aux_loss_coef``; importance + load for ``noisy_topk``) plus DeepSeek-V3's sequence-wise
+    loss (``seq_aux_loss_coef``, tokens laid out as ``num_sequences`` equal sequences). Zero for
+    expert choice, which is balanced by construction."""
+    total = route.logits_TE.new_zeros(())
+    if not route.token_choice:
+        return total
+    if config.router == "noisy_topk":
+        if config.aux_loss_coef:
+            imp, load = noisy_topk_losses(route.logits_TE, route.noisy_TE, route.noise_std_TE,
+                                          route.experts_TK, route.weights_TK)
+            total = total + config.aux_loss_coef * (imp + load)
+    elif config.aux_loss_coef:
+        total = total + config.aux_loss_coef * load_balancing_loss(route.probs_TE,
+                                                                   route.experts_TK)
+    if config.seq_aux_loss_coef:
+        total = total + config.seq_aux_loss_coef * sequence_balance_loss(
+            route.probs_TE, route.experts_TK, num_sequences)
+    return total
+
+
+def router_z_loss(config: MoEConfig, route: RouterOutput) -> torch.Tensor:
+    """``z_loss_coef`` times the router z-loss of one routing decision (0-d)."""
+    if not config.z_loss_coef:
+        return route.logits_TE.new_zeros(())
+    return config.z_loss_coef * z_loss(route.logits_TE)

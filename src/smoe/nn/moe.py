@@ -1,16 +1,16 @@
-"""The sparse mixture-of-experts layer: router + dispatch + experts (+ shared experts).
+"""The sparse mixture-of-experts layer: router + dispatcher + experts (+ shared experts).
 
 Legend: T tokens (all leading dims flattened), D hidden, E routed experts, K per token,
 A kept (token, expert) assignments sorted by expert.
 
-    route = router(x_TD)                       # who goes where, float32
-    plan = plan_assignments(route, E, cap)     # expert-sorted rows, capacity applied
-    y_AD = experts(x_TD[plan.token_A], plan.counts_E)
-    out_TD = combine(y_AD, plan)               # weighted scatter back to tokens
+    route = router(x_TD)                                   # who goes where, float32
+    out_TD, plan = dispatcher(x_TD, route, experts, ...)   # plan, permute, experts, combine
     out_TD += shared_experts(x_TD)
 
-Each component can be replaced after build (``layer.experts.backend = "loop"``, a distributed
-dispatcher, quantized experts) without touching this forward.
+Each component is replaced after build without touching this forward: ``layer.experts`` (any
+module implementing the experts protocol of :mod:`smoe.nn.experts`: another backend, quantized
+or offloaded experts), ``layer.dispatcher`` (an expert-parallel all-to-all dispatcher), and
+``layer.use_reference = True`` routes through the slow reference of :mod:`smoe.nn.reference`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from torch import nn
 
 from smoe.config import MoEConfig
 from smoe.nn import losses
-from smoe.nn.dispatch import Assignments, combine, plan_assignments, plan_assignments_reference
+from smoe.nn.dispatch import Assignments, LocalDispatcher
 from smoe.nn.experts import DenseMLP, Experts
+from smoe.nn.reference import reference_routed
 from smoe.nn.router import Router, RouterOutput
 
 __all__ = ["MoELayer", "MoEInfo"]
@@ -31,39 +32,61 @@ class MoEInfo:
     """Statistics of one forward, as tensors: nothing here syncs with the device until read,
     and the losses and counts are only computed when first read (inference pays nothing).
 
-    tokens_per_expert: LongTensor [E], rows each expert processed (after capacity).
+    Holds the layer's config, the router's decision and the global plan -- not the layer.
+
+    tokens_per_expert: LongTensor [E] (global experts), rows each expert processed (after
+        capacity).
     aux_loss: weighted balance losses (Switch/GShard, sequence-wise, noisy importance+load).
     z_loss: weighted router z-loss.
     dropped_tokens: tokens that got no expert at all (capacity or expert choice), 0-d.
     dropped_assignments: (token, expert) pairs removed by capacity, 0-d.
     capacity: per-expert capacity of this batch, None when dropless.
     router_logits: [T, E] float32; expert_indices / expert_weights: [T, K] (token choice).
+
+    Memory: the [T, E] router tensors live as long as the info (the losses are computed from
+    them on read, with autograd). Code that keeps infos beyond a step (recorders, logs) calls
+    :meth:`release` first: it keeps the counts, the [T, K] choices and any loss already read,
+    and drops the [T, E] tensors.
     """
 
-    def __init__(self, layer: "MoELayer", route: RouterOutput, plan: Assignments | None,
+    def __init__(self, config: MoEConfig, route: RouterOutput, plan: Assignments | None,
                  num_sequences: int) -> None:
-        self._layer = layer
-        self._route = route
+        self.config = config
+        self._route: RouterOutput | None = route
         self._plan = plan
         self._num_sequences = num_sequences
         self._cache: dict[str, torch.Tensor] = {}
+        self._num_tokens = (route.experts_TK.shape[0] if route.token_choice
+                            else route.logits_TE.shape[0])
+        self._choices = (route.experts_TK, route.weights_TK)
+        self._device = route.logits_TE.device
 
     def _cached(self, key: str, compute) -> torch.Tensor:
         if key not in self._cache:
-            self._cache[key] = compute()
+            if self._route is None:
+                raise ValueError(f"MoEInfo.{key} was not read before release(): read it first")
+            self._cache[key] = compute(self._route)
         return self._cache[key]
 
+    def release(self) -> MoEInfo:
+        """Drop the [T, E] router tensors (logits, probabilities, noise); keep the counts, the
+        [T, K] choices and the losses already read. Returns self."""
+        self.tokens_per_expert  # noqa: B018 -- computed (on device) before the route goes
+        self._route = None
+        return self
+
     @property
-    def router_logits(self) -> torch.Tensor:
-        return self._route.logits_TE
+    def router_logits(self) -> torch.Tensor | None:
+        """[T, E] float32 logits (None after :meth:`release`)."""
+        return None if self._route is None else self._route.logits_TE
 
     @property
     def expert_indices(self) -> torch.Tensor | None:
-        return self._route.experts_TK
+        return self._choices[0]
 
     @property
     def expert_weights(self) -> torch.Tensor | None:
-        return self._route.weights_TK
+        return self._choices[1]
 
     @property
     def capacity(self) -> int | None:
@@ -73,30 +96,29 @@ class MoEInfo:
     def tokens_per_expert(self) -> torch.Tensor:
         if self._plan is not None:
             return self._plan.counts_E
-        E = self._layer.config.num_experts
-        return self._cached("counts", lambda: torch.bincount(
-            self._route.experts_TK.reshape(-1), minlength=E))
+        E = self.config.num_experts
+        return self._cached("tokens_per_expert", lambda route: torch.bincount(
+            route.experts_TK.reshape(-1), minlength=E))
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.long, device=self._device)
 
     @property
     def dropped_tokens(self) -> torch.Tensor:
-        if self._plan is not None:
-            return self._plan.dropped_tokens
-        return torch.zeros((), dtype=torch.long, device=self._route.logits_TE.device)
+        return self._zero() if self._plan is None else self._plan.dropped_tokens
 
     @property
     def dropped_assignments(self) -> torch.Tensor:
-        if self._plan is not None:
-            return self._plan.dropped_assignments
-        return torch.zeros((), dtype=torch.long, device=self._route.logits_TE.device)
+        return self._zero() if self._plan is None else self._plan.dropped_assignments
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        return self._cached("aux", lambda: self._layer._aux_loss(self._route,
-                                                                 self._num_sequences))
+        return self._cached("aux_loss", lambda route: losses.router_aux_loss(
+            self.config, route, self._num_sequences))
 
     @property
     def z_loss(self) -> torch.Tensor:
-        return self._cached("z", lambda: self._layer._z_loss(self._route))
+        return self._cached("z_loss", lambda route: losses.router_z_loss(self.config, route))
 
     @property
     def loss(self) -> torch.Tensor:
@@ -104,17 +126,17 @@ class MoEInfo:
         return self.aux_loss + self.z_loss
 
     def __repr__(self) -> str:
-        return (f"MoEInfo(tokens={self._route.logits_TE.shape[0]}, "
-                f"experts={self._layer.config.num_experts}, capacity={self.capacity})")
+        return (f"MoEInfo(tokens={self._num_tokens}, experts={self.config.num_experts}, "
+                f"capacity={self.capacity})")
 
 
 class MoELayer(nn.Module):
     """A sparse MoE feed-forward layer: ``y, info = layer(x)``, x: (..., hidden_size).
 
     Only the experts a token chose run on it; the cost grows with K, not with N.
-    ``use_reference = True`` switches to the slow, obviously correct implementation (dense
-    combine over all experts, capacity applied by a Python walk) that tests hold the fast
-    path equal to.
+    ``use_reference = True`` switches to the slow, obviously correct implementation
+    (:func:`smoe.nn.reference.reference_routed`: dense combine over all experts, capacity
+    applied by a Python walk) that tests hold the fast path equal to.
     """
 
     def __init__(self, config: MoEConfig, backend: str = "auto") -> None:
@@ -122,6 +144,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.router = Router(config)
         self.experts = Experts(config, backend=backend)
+        self.dispatcher = LocalDispatcher()
         if config.num_shared_experts:
             self.shared_experts = DenseMLP(config.hidden_size, config.shared_size,
                                            config.activation, init_std=config.init_std)
@@ -137,9 +160,15 @@ class MoELayer(nn.Module):
         else:
             self.load_since_update = None
         self.use_reference = False
-        # Up to this many tokens without autograd on CPU, the per-(token, expert) decode path
-        # runs instead of sort + grouped GEMM (see benchmarks/layer.py for the crossover).
-        self.decode_max_tokens = 1
+
+    @property
+    def decode_max_tokens(self) -> int:
+        """The dispatcher's decode-shortcut threshold (see :class:`LocalDispatcher`)."""
+        return self.dispatcher.decode_max_tokens
+
+    @decode_max_tokens.setter
+    def decode_max_tokens(self, n: int) -> None:
+        self.dispatcher.decode_max_tokens = n
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, causal: bool = False) -> tuple[torch.Tensor, MoEInfo]:
@@ -159,84 +188,26 @@ class MoELayer(nn.Module):
 
         route = self.router(x_TD)
         capacity = None if cfg.dropless else cfg.capacity(T)
-        if self.use_reference:
-            plan = plan_assignments_reference(route, cfg.num_experts, capacity)
-            out_TD = self._experts_reference(x_TD, plan)
-        elif self._decode_path_applies(x_TD, route, capacity):
-            plan = None
-            out_TD = self.experts.forward_decode(x_TD, route.experts_TK, route.weights_TK,
-                                                 weighted=not cfg.weights_on_input)
-        else:
-            plan = plan_assignments(route, cfg.num_experts, capacity)
-            out_TD = self._experts_sparse(x_TD, plan)
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+        dispatcher = reference_routed if self.use_reference else self.dispatcher
+        out_TD, plan = dispatcher(x_TD, route, self.experts, capacity=capacity,
+                                  weights_on_input=cfg.weights_on_input)
+        shared_TD = self.shared_forward(x_TD)
+        if shared_TD is not None:
             out_TD = out_TD + shared_TD
 
-        info = MoEInfo(self, route, plan, num_sequences)
+        info = MoEInfo(cfg, route, plan, num_sequences)
         if self.load_since_update is not None and self.training:
             self.load_since_update += info.tokens_per_expert.detach()
         return out_TD.reshape(shape), info
 
-    def _decode_path_applies(self, x_TD: torch.Tensor, route: RouterOutput,
-                             capacity: int | None) -> bool:
-        """Decoding (a few tokens, no autograd, CPU): read only the chosen experts' weights.
-        On accelerators the grouped path is used instead: it needs no host sync."""
-        return (x_TD.shape[0] <= self.decode_max_tokens and route.token_choice
-                and capacity is None and not torch.is_grad_enabled()
-                and x_TD.device.type == "cpu")
-
-    def _experts_sparse(self, x_TD: torch.Tensor, plan: Assignments) -> torch.Tensor:
-        x_AD = x_TD.index_select(0, plan.token_A)
-        if self.config.weights_on_input:
-            x_AD = x_AD * plan.weight_A.to(x_AD.dtype).unsqueeze(-1)
-        y_AD = self.experts(x_AD, plan.counts_E, plan.expert_A)
-        return combine(y_AD, plan, x_TD.shape[0], weighted=not self.config.weights_on_input)
-
-    def _experts_reference(self, x_TD: torch.Tensor, plan: Assignments) -> torch.Tensor:
-        """Every expert on every token, masked by a dense [T, E] combine matrix."""
-        T, E = x_TD.shape[0], self.config.num_experts
-        weight_TE = x_TD.new_zeros(T, E, dtype=plan.weight_A.dtype).index_put(
-            (plan.token_A, plan.expert_A), plan.weight_A, accumulate=True)
-        chosen_TE = torch.zeros(T, E, dtype=torch.bool, device=x_TD.device)
-        chosen_TE[plan.token_A, plan.expert_A] = True
-        out_TD = torch.zeros_like(x_TD)
-        for e in range(E):
-            w_T1 = weight_TE[:, e:e + 1].to(x_TD.dtype)
-            mask_T1 = chosen_TE[:, e:e + 1].to(x_TD.dtype)
-            if self.config.weights_on_input:
-                y = self.experts.expert_forward(x_TD * w_T1, e) * mask_T1
-            else:
-                y = self.experts.expert_forward(x_TD, e) * w_T1
-            out_TD = out_TD + y
-        return out_TD
-
-    # -- losses -------------------------------------------------------------------------
-    def _aux_loss(self, route: RouterOutput, num_sequences: int) -> torch.Tensor:
-        cfg = self.config
-        total = route.logits_TE.new_zeros(())
-        if not route.token_choice:  # expert choice is balanced by construction
-            return total
-        if cfg.router == "noisy_topk":
-            if cfg.aux_loss_coef:
-                imp, load = losses.noisy_topk_losses(route.logits_TE, route.noisy_TE,
-                                                     route.noise_std_TE, route.experts_TK,
-                                                     route.weights_TK)
-                total = total + cfg.aux_loss_coef * (imp + load)
-        elif cfg.aux_loss_coef:
-            total = total + cfg.aux_loss_coef * losses.load_balancing_loss(route.probs_TE,
-                                                                           route.experts_TK)
-        if cfg.seq_aux_loss_coef:
-            total = total + cfg.seq_aux_loss_coef * losses.sequence_balance_loss(
-                route.probs_TE, route.experts_TK, num_sequences)
-        return total
-
-    def _z_loss(self, route: RouterOutput) -> torch.Tensor:
-        if not self.config.z_loss_coef:
-            return route.logits_TE.new_zeros(())
-        return self.config.z_loss_coef * losses.z_loss(route.logits_TE)
+    def shared_forward(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' output (sigmoid-gated when configured), None without any."""
+        if self.shared_experts is None:
+            return None
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_expert_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+        return shared_TD
 
     # -- balancing ----------------------------------------------------------------------
     @torch.no_grad()
