@@ -28,8 +28,8 @@ PRESET = "tiny-moe-e32"
 
 
 def train(out: str, steps: int) -> None:
-    """tiny-moe with 32 fine-grained experts (F = 64, top-4: the same active width as tiny-moe's
-    top-2 of 256... halved), trained on the default two-domain corpus."""
+    """tiny-moe with 32 fine-grained experts (F = 64, top-4), trained on the default two-domain
+    corpus, evaluated (per-domain routing) every steps / 3 updates."""
     from smoe import config
     from smoe.train import TrainConfig
     from smoe.train.run import start_run
@@ -39,8 +39,9 @@ def train(out: str, steps: int) -> None:
         return cfg.replace(moe=cfg.moe.replace(num_experts=32, expert_size=64, top_k=4))
 
     config.PRESETS[PRESET] = e32
-    start_run(out, TrainConfig(steps=steps, eval_every=steps, checkpoint_every=steps,
-                               eval_batches=32, log_every=50),
+    every = max(steps // 3, 1)
+    start_run(out, TrainConfig(steps=steps, batch_size=8, eval_every=every,
+                               checkpoint_every=every, eval_batches=16, log_every=10),
               preset=PRESET, progress=False)
 
 
@@ -93,7 +94,7 @@ def tables(traces: dict[str, tuple[torch.Tensor, torch.Tensor]], P: int) -> list
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", metavar="RUN_DIR", help="train the 32-expert model into RUN_DIR")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--run", metavar="RUN_DIR", help="a trained run with >= 32 experts")
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--write", action="store_true", help="replace BENCHMARKS.md's section")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
            f"P = {P} expert-parallel ranks; a replicated expert's tokens split evenly over its "
            "replicas; contiguous = E / P consecutive experts per rank, no plan. Command: "
            f"`python benchmarks/placement.py --run RUN --ranks {P} --write` (RUN trained by "
-           "`--train RUN --steps 300`).", ""]
+           "`--train RUN --steps 120`).", ""]
     traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if args.run:
         loads = run_loads(args.run)

@@ -43,8 +43,8 @@ from smoe.nn.dispatch import Assignments, Dispatched, LocalDispatcher, plan_assi
 from smoe.parallel.health import check_same_across_ranks, guarded
 from smoe.parallel.placement import Placement
 
-__all__ = ["AllToAllDispatcher", "CommCounter", "expert_parallel", "moe_layers_of",
-           "local_expert_state", "gather_expert_weights"]
+__all__ = ["AllToAllDispatcher", "CommCounter", "ExpertParallel", "expert_parallel",
+           "apply_placement", "moe_layers_of"]
 
 
 @dataclass
@@ -199,11 +199,34 @@ def _unpermute(y_sorted: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 # -- the transform --------------------------------------------------------------------------------
 def moe_layers_of(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(qualified name, MoELayer) of every MoE layer: native models and transformers models
-    patched by ``smoe.hf.patch`` alike (both hold :class:`smoe.nn.moe.MoELayer` modules)."""
+    """(qualified name, MoELayer) of every MoE layer: native smoe models (submodules) and
+    transformers models patched by ``smoe.hf.patch`` (layers kept beside the blocks)."""
+    return [(name, layer) for name, layer, _ in _expert_tensors(model)]
+
+
+def _expert_tensors(model: torch.nn.Module):
+    """(name, MoELayer, [(owner module, attribute, qualified name)]) per MoE layer: where the
+    layer's expert tensors live. Native: on ``layer.experts``. Patched transformers: on the
+    model's own experts module, which the patch binds into ``layer.experts`` every forward."""
     from smoe.nn.moe import MoELayer
 
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            prefix = f"{name}.experts." if name else "experts."
+            found.append((name, m, [(m.experts, n, prefix + n)
+                                    for n, _ in m.experts.named_parameters(recurse=False)]))
+    from smoe.hf.patch import _ATTR  # the patch keeps its record in the block's __dict__
+
+    patched = [(name, m) for name, m in model.named_modules() if _ATTR in m.__dict__]
+    if patched:
+        names = {id(mod): n for n, mod in model.named_modules()}
+        for name, block in patched:
+            patch = block.__dict__[_ATTR]
+            owners = [(src, src_name, f"{names[id(src)]}.{src_name}".lstrip("."))
+                      for dst, _, src, src_name in patch.binds if dst is patch.layer.experts]
+            found.append((name, patch.layer, owners))
+    return found
 
 
 @dataclass
@@ -213,6 +236,7 @@ class ExpertParallelLayer:
     placement: Placement
     slots: torch.Tensor            # this rank's logical experts, one per local slot
     param_names: list[str]         # qualified names of the sharded expert parameters
+    owners: list = field(default_factory=list)  # (module, attribute, qualified name)
 
 
 class ExpertParallel:
@@ -267,14 +291,17 @@ class ExpertParallel:
         return total
 
 
-def _shard_experts(experts: torch.nn.Module, slots: torch.Tensor, E: int) -> list[str]:
-    """Keep only ``slots`` of every parameter stacked on a leading expert dim, in place."""
+def _shard_experts(experts: torch.nn.Module, owners, slots: torch.Tensor, E: int) -> list[str]:
+    """Keep only ``slots`` of every expert tensor stacked on a leading expert dim, in place
+    where it lives (``owners``: (module, attribute, qualified name)); returns the qualified
+    names of the sharded parameters."""
     names = []
-    for pname, p in list(experts.named_parameters(recurse=False)):
-        if p.dim() >= 1 and p.shape[0] == E:
-            setattr(experts, pname, torch.nn.Parameter(p.detach()[slots.to(p.device)].clone(),
-                                                       requires_grad=p.requires_grad))
-            names.append(pname)
+    for module, attr, qual in owners:
+        p = getattr(module, attr)
+        if isinstance(p, torch.nn.Parameter) and p.dim() >= 1 and p.shape[0] == E:
+            setattr(module, attr, torch.nn.Parameter(p.detach()[slots.to(p.device)].clone(),
+                                                     requires_grad=p.requires_grad))
+            names.append(qual)
     if not names:
         raise ValueError(f"{type(experts).__name__} has no parameters stacked over the {E} "
                          "experts: expert parallelism needs stacked expert weights")
@@ -303,7 +330,8 @@ def expert_parallel(model: torch.nn.Module, ep_group=None, placement=None,
     """
     group = dist.group.WORLD if ep_group is None else ep_group
     P, rank = dist.get_world_size(group), dist.get_rank(group)
-    layers = moe_layers_of(model)
+    found = _expert_tensors(model)
+    layers = [(name, lay) for name, lay, _ in found]
     if not layers:
         raise ValueError("the model has no MoE layers (smoe.nn.moe.MoELayer): nothing to shard; "
                          "patch a transformers model with smoe.hf.patch first")
@@ -329,14 +357,52 @@ def expert_parallel(model: torch.nn.Module, ep_group=None, placement=None,
                              "parallelism; use a token-choice router")
     ep_layers = []
     handle = ExpertParallel(group, ep_layers)
-    for p, (name, lay) in zip(placements, layers):
+    for p, (name, lay, owners) in zip(placements, found):
         slots = torch.tensor(p.slots[rank], dtype=torch.long)
-        pnames = _shard_experts(lay.experts, slots, lay.config.num_experts)
-        prefix = f"{name}.experts." if name else "experts."
+        pnames = _shard_experts(lay.experts, owners, slots, lay.config.num_experts)
         lay.dispatcher = AllToAllDispatcher(group, p, lay.config, counter)
-        ep_layers.append(ExpertParallelLayer(name, lay, p, slots,
-                                             [prefix + n for n in pnames]))
+        ep_layers.append(ExpertParallelLayer(name, lay, p, slots, pnames, owners))
         handle._hooks.append(lay.router.register_forward_hook(
             lambda mod, args, route, lay=lay: handle._record_route(lay, route)))
     model.expert_parallel = handle  # a plain attribute: not a module, not in the state dict
     return handle
+
+
+@torch.no_grad()
+def apply_placement(model: torch.nn.Module, ep: ExpertParallel, placement) -> None:
+    """Move a running expert-parallel model to a new placement (one for every layer, or a list)
+    without restarting: each layer's full experts are gathered (one all-reduce of an [E, ...]
+    buffer per expert parameter, every rank contributing the slots it owns first), every rank
+    keeps the slots of the new placement, and the dispatcher switches to it. Call it on every
+    rank between steps. Optimizer state of the expert parameters is not carried over: rebuild
+    the optimizer (or load a consolidated checkpoint) after a move during training."""
+    from smoe.parallel.launch import _owner_mask, _expert_grads_buffer
+
+    placements = ([placement] * len(ep.layers) if isinstance(placement, Placement)
+                  else list(placement))
+    if len(placements) != len(ep.layers):
+        raise ValueError(f"{len(placements)} placements for {len(ep.layers)} MoE layers")
+    for p, lay in zip(placements, ep.layers):
+        if p.num_experts != lay.placement.num_experts or p.ep_size != ep.ep_size:
+            raise ValueError(f"new placement for {lay.name} covers {p.num_experts} experts on "
+                             f"{p.ep_size} ranks; expected {lay.placement.num_experts} on "
+                             f"{ep.ep_size}")
+    check_same_across_ranks("the new expert placement",
+                            json.dumps([p.to_dict() for p in placements]), ep.group)
+    for p, lay in zip(placements, ep.layers):
+        experts = lay.layer.experts
+        keep = _owner_mask(ep, lay, ep.group)
+        new_slots = torch.tensor(p.slots[ep.rank], dtype=torch.long)
+        for module, attr, qual in lay.owners:
+            if qual not in lay.param_names:
+                continue
+            w = getattr(module, attr)
+            vals = w.detach() * keep.view((-1,) + (1,) * (w.dim() - 1)).to(w.device, w.dtype)
+            full = _expert_grads_buffer(w, lay.slots, p.num_experts, vals)
+            guarded("all-reduce of expert weights", dist.all_reduce, full, group=ep.group)
+            setattr(module, attr, torch.nn.Parameter(
+                full.index_select(0, new_slots.to(full.device)), requires_grad=w.requires_grad))
+        experts.num_experts = int(new_slots.numel())
+        lay.layer.dispatcher = AllToAllDispatcher(ep.group, p, lay.layer.config,
+                                                  lay.layer.dispatcher.counter)
+        lay.placement, lay.slots = p, new_slots
