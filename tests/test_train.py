@@ -27,7 +27,7 @@ from smoe.config import ModelConfig, MoEConfig
 from smoe.data import Batcher, ByteTokenizer, DataConfig, prepare_data
 from smoe.model import SMoETransformer
 from smoe.train import TrainConfig, Trainer, apply_loss_overrides, lr_at, param_groups
-from smoe.train import checkpoint as ckpt
+from smoe import checkpoint as ckpt
 from smoe.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +276,8 @@ def test_crash_while_writing_keeps_the_previous_checkpoint(corpus_dir, tmp_path,
     assert losses == {s: reference[s] for s in range(3, 7)}
 
 
-def test_crash_between_the_renames_uses_checkpoint_old(corpus_dir, tmp_path, monkeypatch):
+def test_crash_between_the_renames_uses_the_previous_checkpoint(corpus_dir, tmp_path,
+                                                                 monkeypatch):
     data = _data(corpus_dir)
     reference = _fit_losses(_trainer(data, tmp_path / "ref"))
     run = tmp_path / "run"
@@ -284,7 +285,7 @@ def test_crash_between_the_renames_uses_checkpoint_old(corpus_dir, tmp_path, mon
 
     def crashing_rename(src, dst):
         renames.append(Path(dst).name)
-        if renames == ["checkpoint", "checkpoint.old", "checkpoint"]:  # step 4: old moved away
+        if renames == ["checkpoint", "step-000002", "checkpoint"]:  # step 4: old moved away
             raise OSError("power cut (simulated)")
         real_rename(src, dst)
 
@@ -294,13 +295,14 @@ def test_crash_between_the_renames_uses_checkpoint_old(corpus_dir, tmp_path, mon
     monkeypatch.setattr(ckpt.os, "rename", real_rename)
     assert not (run / "checkpoint").exists()
     folder = ckpt.checkpoint_dir(run)
-    assert folder == run / "checkpoint.old" and ckpt.read_state(folder)["step"] == 2
+    assert folder == run / "previous-checkpoints" / "step-000002"
+    assert ckpt.read_state(folder)["step"] == 2
 
     resumed = _trainer(data, run)
     resumed.load_checkpoint(folder)
     assert _fit_losses(resumed) == {s: reference[s] for s in range(3, 7)}
-    assert ckpt.checkpoint_dir(run) == run / "checkpoint"      # the next save cleaned up
-    assert not (run / "checkpoint.old").exists()
+    assert ckpt.checkpoint_dir(run) == run / "checkpoint"      # the next saves rotated it
+    assert sorted(p.name for p in (run / "previous-checkpoints").iterdir()) == ["step-000004"]
 
 
 def test_resume_restores_the_rng_of_a_noisy_router(corpus_dir, tmp_path):

@@ -29,7 +29,7 @@ PROMPTS = (
 
 def _replaceable(out: Path) -> bool:
     """An absent or empty folder, or an earlier demo run (ours to replace)."""
-    from smoe.train.run import is_smoe_run, read_run_config
+    from smoe.runs import is_smoe_run, read_run_config
 
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return True
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from smoe.monitor import plot_expert_load
     from smoe.train import TrainConfig, start_run
     from smoe.train.report import format_domain_routing, format_eval
-    from smoe.train.run import LoadedRun, generate_text, read_run_config
+    from smoe.runs import LoadedRun, generate_text, read_run_config
 
     out = Path(args.out)
     if not _replaceable(out):

@@ -3,51 +3,102 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from smoe.cli.errors import CLIError
+from smoe.cli.options import add_runtime_options, apply_runtime, non_negative_int, positive_int
 
 __all__ = ["register_generate", "register_eval"]
 
 
+def _read_prompt(a: argparse.Namespace) -> str:
+    """--prompt TEXT, --prompt - (stdin), or stdin when it is piped and --prompt is absent."""
+    if a.prompt is not None and a.prompt != "-":
+        return a.prompt
+    if a.prompt is None and sys.stdin.isatty():
+        raise CLIError("give --prompt TEXT, or pipe the prompt on stdin (--prompt -)")
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise CLIError("the prompt on stdin is not UTF-8 text") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def register_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
+    p = sub.add_parser("generate", help="continue a prompt with a trained run's model",
+                       description="Continue a prompt with RUN_DIR's newest checkpoint, printing "
+                                   "the text as it is produced. Generation stops at the end-of-"
+                                   "document token, at a --stop string, or at the model's "
+                                   "context (said on stderr); a text longer than the sequences "
+                                   "the run was trained on is warned about.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--prompt", default=None,
+                   help="the text to continue; - or absent with a piped stdin: read stdin")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample from the K most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop before this text (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("--no-stream", action="store_true", help="print the text once at the end")
+    add_runtime_options(p)
+    p.set_defaults(handler=_generate)
 
-    def run(a: argparse.Namespace) -> int:
-        from smoe.train import generate_text
 
-        text = generate_text(a.run_dir, a.prompt, a.max_new_tokens, temperature=a.temperature,
-                             top_p=a.top_p, seed=a.seed)
-        print(a.prompt + text)
-        return 0
+def _generate(a: argparse.Namespace) -> int:
+    if not a.temperature >= 0:
+        raise CLIError(f"--temperature {a.temperature} must be >= 0 (0 is greedy)")
+    if not 0 < a.top_p <= 1:
+        raise CLIError(f"--top-p {a.top_p} must be in (0, 1]")
+    if a.stop is not None and any(not s for s in a.stop):
+        raise CLIError("--stop needs a non-empty string")
+    prompt = _read_prompt(a)
+    device = apply_runtime(a)
+    from smoe.runs import generate_text, load_run, stderr_log
 
-    p.set_defaults(handler=run)
+    run = load_run(a.run_dir, device, a.dtype)
+    out = sys.stdout
 
+    def on_text(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    if not a.no_stream:
+        out.write(prompt)
+        out.flush()
+    text = generate_text(run, prompt, a.max_new_tokens, temperature=a.temperature,
+                         top_p=a.top_p, seed=a.seed, top_k=a.top_k, stop=a.stop or (),
+                         on_text=None if a.no_stream else on_text, log=stderr_log)
+    out.write(prompt + text + "\n" if a.no_stream else "\n")
+    out.flush()
+    return 0
 
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss, bits per byte and per-expert load of a run")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--eval-batches", type=int, default=None,
+    p.add_argument("--eval-batches", type=positive_int, default=None,
                    help="validation batches (default: the run's eval_batches)")
     p.add_argument("--by-domain", action="store_true",
                    help="also print each domain's expert load")
-
-    def run(a: argparse.Namespace) -> int:
-        from smoe.train import eval_run
-        from smoe.train.report import format_domain_routing, format_eval
-
-        row = eval_run(a.run_dir, a.eval_batches)
-        print(format_eval(row))
-        if a.by_domain and "domain_routing" in row:
-            print("expert load by domain (share of each domain's routed tokens):")
-            print(format_domain_routing(row["domain_routing"], row.get("moe_layers")))
-        return 0
-
-    p.set_defaults(handler=run)
+    add_runtime_options(p)
+    p.set_defaults(handler=_eval)
 
 
-REGISTER = (register_generate, register_eval,)
+def _eval(a: argparse.Namespace) -> int:
+    device = apply_runtime(a)
+    from smoe.train import eval_run
+    from smoe.train.report import format_domain_routing, format_eval
+
+    row = eval_run(a.run_dir, a.eval_batches, device=device, dtype=a.dtype)
+    print(format_eval(row))
+    if a.by_domain and "domain_routing" in row:
+        print("expert load by domain (share of each domain's routed tokens):")
+        print(format_domain_routing(row["domain_routing"], row.get("moe_layers")))
+    return 0
+
+
+REGISTER = (register_generate, register_eval)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from smoe._io import atomic_write_bytes
 from smoe.config import config_error
 from smoe.data.corpus import Corpus, default_corpus, load_path
 from smoe.data.tokenizer import (
@@ -277,7 +277,7 @@ def _save_streams(streams: dict[str, TokenStream], path: Path) -> None:
     """Write the streams as one safetensors file, atomically (a temporary file, then
     ``os.replace``): ``<name>/tokens_N`` (uint16 ids when they fit), ``<name>/domain_runs_R`` and
     ``<name>/domain_counts_R`` (the domain ids as runs); names and byte counts as metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, dict] = {}
@@ -288,17 +288,8 @@ def _save_streams(streams: dict[str, TokenStream], path: Path) -> None:
         tensors[f"{name}/domain_runs_R"] = runs_R.contiguous()
         tensors[f"{name}/domain_counts_R"] = counts_R.contiguous()
         meta[name] = {"domain_names": list(s.domain_names), "num_bytes": list(s.num_bytes)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "smoe-token-streams",
-                                          "streams": json.dumps(meta)})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata={"format": "smoe-token-streams",
+                                                     "streams": json.dumps(meta)}))
 
 
 def _load_streams(path: Path) -> dict[str, TokenStream]:

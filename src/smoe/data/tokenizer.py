@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from smoe._io import atomic_write_text
 
 __all__ = [
     "TOKENIZER_FILE",
@@ -38,22 +38,6 @@ TOKENIZER_FILE = "tokenizer.json"
 #: The end-of-document special token of :class:`BPETokenizer`.
 EOS_TOKEN = "<|eos|>"
 _BYTE_TYPE = "smoe-byte"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never partial)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run folder's files are for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _json_target(path: str | Path) -> Path:

@@ -47,14 +47,21 @@ class TrainConfig:
     ``bias_update``: call ``model.update_router_biases()`` after each optimizer step
     (auxiliary-loss-free balancing, routers that have a selection bias).
     ``eval_every`` / ``checkpoint_every`` / ``log_every``: in updates; 0 disables periodic
-    evaluation / checkpoints (a final one is still made at the end of a run).
+    evaluation / checkpoints (a final one is still made at the end of a run, and one when
+    the run is stopped by SIGINT/SIGTERM). ``keep_checkpoints``: how many of the newest
+    checkpoints a run folder keeps (an older one is the fallback when the newest is damaged).
+    ``min_lr``: ``None`` means ``lr / 10`` (resolved on construction).
+    ``resume_anchor``: ``(step, progress)`` set when a resumed run changed ``steps``: from
+    ``step`` on, the cosine continues from ``progress`` (its phase at that step, 0 at the peak,
+    1 at ``min_lr``) and reaches 1 at the new ``steps``: the remainder of the decay is
+    stretched (or compressed) to the new end, with no jump in the learning rate.
     """
 
     steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: float | None = None
     warmup_steps: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -70,14 +77,20 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     bias_update: bool = True
+    keep_checkpoints: int = 2
+    resume_anchor: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
+        if isinstance(self.resume_anchor, list):
+            self.resume_anchor = tuple(self.resume_anchor)
         _pos_int("steps", self.steps)
         _pos_int("batch_size", self.batch_size)
         _pos_int("seq_len", self.seq_len)
         _number("lr", self.lr, strict=True)
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         _number("min_lr", self.min_lr)
         if self.min_lr > self.lr:
             raise config_error("min_lr", self.min_lr, f"must be <= lr ({self.lr})")
@@ -104,6 +117,14 @@ class TrainConfig:
         _nonneg_int("checkpoint_every", self.checkpoint_every)
         _pos_int("log_every", self.log_every)
         _nonneg_int("seed", self.seed)
+        _pos_int("keep_checkpoints", self.keep_checkpoints)
+        if self.resume_anchor is not None:
+            a = self.resume_anchor
+            if (not isinstance(a, tuple) or len(a) != 2 or isinstance(a[0], bool)
+                    or not isinstance(a[0], int) or not isinstance(a[1], (int, float))
+                    or not 0 <= a[1] <= 1 or not 0 <= a[0] <= self.steps):
+                raise config_error("resume_anchor", a, "must be (step <= steps, progress in "
+                                   "[0, 1])")
 
     @property
     def micro_batch_size(self) -> int:
@@ -120,6 +141,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if self.resume_anchor is not None:
+            d["resume_anchor"] = list(self.resume_anchor)
         return d
 
     @classmethod

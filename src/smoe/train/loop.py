@@ -33,11 +33,22 @@ from smoe.train.metrics import MetricsLogger, load_fractions, load_imbalance
 from smoe.train.optim import (build_optimizer, lr_at, optimizer_state_from_tensors,
                               optimizer_state_to_tensors, set_lr)
 
-__all__ = ["Trainer", "TrainingDiverged", "apply_loss_overrides", "evaluate_model"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "apply_loss_overrides",
+           "evaluate_model"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the update that produced it was not applied."""
+
+
+class TrainingStopped(Exception):
+    """:meth:`Trainer.request_stop` was called (e.g. by a SIGINT/SIGTERM handler): the loop
+    finished the update in progress, wrote a checkpoint (with a ``run_dir``) and returned."""
+
+    def __init__(self, step: int, signum: int | None, checkpoint: Path | None) -> None:
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"training stopped at step {step}{where}")
 
 
 def apply_loss_overrides(model: nn.Module, cfg: TrainConfig) -> None:
@@ -59,6 +70,16 @@ def apply_loss_overrides(model: nn.Module, cfg: TrainConfig) -> None:
     mcfg = getattr(model, "config", None)
     if mcfg is not None and getattr(mcfg, "moe", None) is not None:
         model.config = mcfg.replace(moe=mcfg.moe.replace(**changes))
+
+
+def _log_line(row: dict[str, Any], steps: int) -> str:
+    """One line of a logged step, for logs without a progress bar."""
+    parts = [f"step {row['step']}/{steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3g}"]
+    if "load_imbalance" in row:
+        parts.append(f"imbalance {row['load_imbalance']:.2f}")
+    if row.get("tokens_per_s"):
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    return "  ".join(parts)
 
 
 def _round(values: list, digits: int = 6) -> list:
@@ -159,6 +180,8 @@ class Trainer:
         self.domain_names = tuple(domain_names)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.logger, self.progress = logger, progress
+        #: print a line per logged step when there is no progress bar (the CLI's --no-progress)
+        self.print_log = False
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.device = next(model.parameters()).device
         apply_loss_overrides(model, config)
@@ -168,6 +191,16 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed_s = 0.0          # training time over all sessions of this run
         self.last_eval: dict[str, Any] | None = None
+        self.stop_signal: int | None = None      # set by request_stop
+        self.stop_requested = False
+        self.saved_step: int | None = None       # the step of the last checkpoint written
+        #: called with the checkpoint folder after each save (e.g. to commit a run's config)
+        self.on_checkpoint: Callable[[Path], None] | None = None
+
+    def request_stop(self, signum: int | None = None) -> None:
+        """Ask the loop to stop after the update in progress (safe from a signal handler: it
+        only sets a flag); :meth:`fit` then checkpoints and raises :class:`TrainingStopped`."""
+        self.stop_requested, self.stop_signal = True, signum
 
     # -- one update -------------------------------------------------------------------------
     def _autocast(self):
@@ -248,10 +281,17 @@ class Trainer:
             "batcher": self.batcher.state_dict(),
             "schedule": {"kind": "warmup_cosine", "next_lr": lr_at(self.step, self.cfg),
                          "warmup_steps": self.cfg.warmup_steps, "steps": self.cfg.steps,
-                         "lr": self.cfg.lr, "min_lr": self.cfg.min_lr},
+                         "lr": self.cfg.lr, "min_lr": self.cfg.min_lr,
+                         "resume_anchor": (list(self.cfg.resume_anchor)
+                                           if self.cfg.resume_anchor is not None else None)},
             **self.checkpoint_extra,
         }
-        return ckpt.save_checkpoint(run_dir, self.model.state_dict(), opt_tensors, state)
+        folder = ckpt.save_checkpoint(run_dir, self.model.state_dict(), opt_tensors, state,
+                                      keep=self.cfg.keep_checkpoints)
+        self.saved_step = self.step
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(folder)
+        return folder
 
     def load_checkpoint(self, folder: str | Path) -> dict[str, Any]:
         """Restore model, optimizer, data position, RNG and counters from a checkpoint folder."""
@@ -265,11 +305,18 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.saved_step = self.step
         return state
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
-        """Train until ``config.steps``; returns the last evaluation row (or ``None``)."""
+        """Train until ``config.steps``; returns the last evaluation row (or ``None``).
+
+        After :meth:`request_stop` it stops after the update in progress, writes a checkpoint
+        (when it has a ``run_dir`` and the step is not saved yet) and raises
+        :class:`TrainingStopped`. Without a progress bar (and with a logger) it prints one line
+        every ``log_every`` steps, so that a run in a log file shows it is alive.
+        """
         cfg = self.cfg
         bar = None
         if self.progress:
@@ -280,6 +327,8 @@ class Trainer:
         win_tokens, win_time = 0, 0.0
         try:
             while self.step < cfg.steps:
+                if self.stop_requested:
+                    break
                 batch = next(self.batcher)
                 t0 = time.perf_counter()
                 row = self.train_step(batch)
@@ -300,15 +349,26 @@ class Trainer:
                     row["elapsed_s"] = self.elapsed_s
                     win_tokens, win_time = 0, 0.0
                     self._emit(row, on_log)
+                    if bar is None and self.print_log:
+                        print(_log_line(row, cfg.steps), flush=True)
                 if self.val and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                     ev = self.evaluate()
                     self._emit(ev, on_log)
+                    bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
+                    line = f"step {self.step}: val loss {ev['val_loss']:.4f}{bpb}"
                     if bar is not None:
-                        bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
-                        bar.write(f"step {self.step}: val loss {ev['val_loss']:.4f}{bpb}")
+                        bar.write(line)
+                    elif self.print_log:
+                        print(line, flush=True)
                 if self.run_dir is not None and (
                         (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last):
                     self.save_checkpoint()
+            if self.stop_requested:
+                folder = None
+                if self.run_dir is not None:
+                    folder = (self.save_checkpoint() if self.saved_step != self.step
+                              else ckpt.checkpoint_dir(self.run_dir))
+                raise TrainingStopped(self.step, self.stop_signal, folder)
         finally:
             if bar is not None:
                 bar.close()

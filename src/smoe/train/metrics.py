@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from smoe._io import atomic_write_text
 
 __all__ = ["METRICS_FILE", "TB_DIR", "MetricsLogger", "load_fractions", "load_imbalance",
            "read_metrics", "truncate_metrics"]
@@ -66,14 +67,12 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Keep only the lines with ``step <= step`` (what a run resumed at ``step`` will redo is
-    dropped); the file is rewritten through a temporary file and ``os.replace``."""
+    dropped); the file is rewritten atomically."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
     keep = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= step]
-    tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class MetricsLogger:

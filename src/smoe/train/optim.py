@@ -12,22 +12,59 @@ from torch import nn
 
 from smoe.train.config import TrainConfig
 
-__all__ = ["lr_at", "param_groups", "build_optimizer", "set_lr", "optimizer_state_to_tensors",
+__all__ = ["lr_at", "cosine_progress", "rescheduled", "param_groups", "build_optimizer", "set_lr", "optimizer_state_to_tensors",
            "optimizer_state_from_tensors"]
+
+
+def cosine_progress(it: int, cfg: TrainConfig) -> float:
+    """Where update ``it`` is on the cosine, 0 (peak, at the end of warmup) to 1 (``min_lr``).
+
+    Without ``cfg.resume_anchor`` it is ``(it - warmup) / (steps - warmup)``. With an anchor
+    ``(s, p)`` (a resumed run that changed ``steps``), from update ``s`` on it goes linearly
+    from ``p`` to 1 at the new ``steps``: the rest of the decay is stretched or compressed to
+    the new end, so the learning rate is continuous at ``s``.
+    """
+    anchor = cfg.resume_anchor
+    if anchor is not None and it >= anchor[0]:
+        s, p = anchor
+        if it >= cfg.steps or cfg.steps <= s:
+            return 1.0
+        return p + (1.0 - p) * (it - s) / (cfg.steps - s)
+    if it < cfg.warmup_steps:
+        return 0.0
+    if it >= cfg.steps:
+        return 1.0
+    return (it - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
     """Learning rate of update number ``it`` (0-based: the first update uses ``lr_at(0)``).
 
     Linear warmup ``lr * (it + 1) / warmup_steps`` for ``it < warmup_steps``, then a half
-    cosine from ``lr`` down to ``min_lr``, reached at ``it == steps``; constant after.
+    cosine from ``lr`` down to ``min_lr``, reached at ``it == steps``; constant after
+    (the cosine's phase is :func:`cosine_progress`, which a resumed run may have re-anchored).
     """
-    if it < cfg.warmup_steps:
+    if it < cfg.warmup_steps and (cfg.resume_anchor is None or it < cfg.resume_anchor[0]):
         return cfg.lr * (it + 1) / cfg.warmup_steps
-    if it >= cfg.steps:
-        return cfg.min_lr
-    progress = (it - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)  # warmup <= it < steps
+    progress = cosine_progress(it, cfg)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def rescheduled(cfg: TrainConfig, step: int, steps: int) -> TrainConfig:
+    """``cfg`` with ``steps`` changed by a run resumed at ``step``, the schedule continuing
+    without a jump (the rule of :func:`cosine_progress`). Refuses a new end before ``step``.
+
+    A run still in warmup needs no anchor: warmup does not depend on ``steps``, so the plain
+    schedule with the new end is already continuous there.
+    """
+    if steps == cfg.steps:
+        return cfg
+    if steps < step:
+        raise ValueError(f"steps={steps} is before the run's checkpoint at step {step}: give "
+                         f"--steps {step} or more")
+    if step < cfg.warmup_steps and cfg.resume_anchor is None:
+        return cfg.replace(steps=steps)
+    return cfg.replace(steps=steps, resume_anchor=(step, cosine_progress(step, cfg)))
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:

@@ -18,33 +18,42 @@ another run's model config, latest weights and tokenizer: a trained run, or a fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from smoe._io import atomic_write_json
+from smoe.checkpoint import checkpoint_dir, load_model_weights, read_state
 from smoe.config import ModelConfig, preset as get_preset
-from smoe.train.checkpoint import checkpoint_dir, load_model_weights, read_state
+from smoe.runs import (RUN_CONFIG, RUN_FORMAT, LoadedRun, generate_text, is_smoe_run,  # noqa: F401
+                       latest_checkpoint, load_run, read_run_config)
 from smoe.train.config import TrainConfig
 from smoe.train.loop import Trainer, evaluate_model
 from smoe.train.metrics import MetricsLogger, truncate_metrics
+from smoe.train.optim import rescheduled
 
 __all__ = ["RUN_CONFIG", "RUN_FORMAT", "RESUMABLE_CHANGES", "RunResult", "LoadedRun",
            "is_smoe_run", "read_run_config", "model_config_for", "init_tokenizer_kind",
+           "data_config_for", "check_causal",
            "start_run", "resume_run",
            "load_run", "eval_run", "generate_text"]
 
-RUN_CONFIG = "config.json"
-RUN_FORMAT = "smoe-run"
 #: TrainConfig fields a resumed run may change (they do not alter the updates already made;
-#: ``steps`` moves the end of the cosine schedule).
-RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "log_every")
+#: ``steps`` moves the end of the cosine schedule, by the rule of
+#: :func:`smoe.train.optim.rescheduled`: the rest of the decay is stretched to the new end).
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "log_every",
+                     "keep_checkpoints")
 
 
 @dataclass
@@ -57,56 +66,9 @@ class RunResult:
     tokenizer: Any
 
 
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    model: torch.nn.Module
-    tokenizer: Any
-    config: dict[str, Any]
-    step: int
-
-
 # -- run folders ------------------------------------------------------------------------------
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not an smoe run (no {RUN_CONFIG})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
-        raise ValueError(f"{str(path)!r} is not an smoe run config")
-    return data
-
-
-def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any],
-                                                     ModelConfig]:
-    """(run config, checkpoint folder, checkpoint state, model config) of a run's latest
-    complete checkpoint. Raises FileNotFoundError when the run has none yet."""
-    run_dir = Path(run_dir)
-    run_cfg = read_run_config(run_dir)
-    folder = checkpoint_dir(run_dir)
-    if folder is None:
-        raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet: train it first "
-                                "(smoe train ... --out RUN_DIR)")
-    state = read_state(folder)
-    return run_cfg, folder, state, ModelConfig.from_dict(state.get("model_config")
-                                                          or run_cfg["model"])
-
-
-def is_smoe_run(run_dir: str | Path) -> bool:
-    try:
-        read_run_config(run_dir)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from smoe.data.tokenizer import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path, data)
 
 
 def _check_fresh_dir(run_dir: Path, replace: bool) -> None:
@@ -140,31 +102,62 @@ def _checkpoint_step(run_dir: Path) -> int | None:
 
 # -- building -------------------------------------------------------------------------------
 def model_config_for(preset: str, vocab_size: int, seq_len: int, router: str | None = None,
-                     train: TrainConfig | None = None) -> ModelConfig:
+                     train: TrainConfig | None = None, *,
+                     overrides: dict[str, dict[str, Any]] | None = None) -> ModelConfig:
     """The preset's config fitted to a tokenizer and a sequence length.
 
     ``vocab_size`` is the tokenizer's; ``max_seq_len`` grows to ``seq_len`` if needed (RoPE has
     no learned positions). ``router`` replaces the MoE router (``switch`` also sets top_k=1).
+    ``overrides``: ``{"model": {field: value}, "moe": {field: value}}`` of ModelConfig and
+    MoEConfig fields (a config file's ``[model]``/``[moe]``, ``--set``), applied after the
+    router; a new ``model.hidden_size`` carries over to the MoE unless ``moe`` sets its own.
     The train config's ``aux_loss_coef``/``z_loss_coef`` overrides go into the MoE config.
     """
+    from smoe.config import MoEConfig, check_known_fields
+
+    overrides = overrides or {}
+    model_over = dict(overrides.get("model") or {})
+    moe_over = dict(overrides.get("moe") or {})
+    model_over.pop("preset", None)
+    if "moe" in model_over:
+        raise ValueError("model.moe: give the MoE fields in the [moe] section (moe.FIELD)")
+    check_known_fields(ModelConfig, model_over)
+    check_known_fields(MoEConfig, moe_over)
     cfg = get_preset(preset)
     cfg = cfg.replace(vocab_size=vocab_size, max_seq_len=max(cfg.max_seq_len, seq_len))
+    if model_over:
+        if "hidden_size" in model_over and cfg.moe is not None:
+            moe_over.setdefault("hidden_size", model_over["hidden_size"])
+        cfg = dataclasses.replace(cfg, **model_over, moe=cfg.moe.replace(**moe_over)
+                                  if cfg.moe is not None and moe_over else cfg.moe)
+        moe_over = {}
     changes: dict[str, Any] = {}
     if router is not None:
         changes["router"] = router
         if router == "switch":
             changes["top_k"] = 1
+    changes.update(moe_over)
     if train is not None:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(train, name) is not None:
                 changes[name] = getattr(train, name)
     if changes:
         if cfg.moe is None:
-            if router is not None:
-                raise ValueError(f"preset {preset!r} is dense: --router needs an MoE preset")
+            if router is not None or moe_over:
+                raise ValueError(f"preset {preset!r} is dense: --router and MoE settings need "
+                                 "an MoE preset (e.g. tiny-moe)")
             return cfg
         cfg = cfg.replace(moe=cfg.moe.replace(**changes))
     return cfg
+
+
+def check_causal(cfg: ModelConfig, allow_noncausal_router: bool = False) -> None:
+    """Refuse a router that sees the whole batch (``expert_choice``) for a causal language
+    model: it trains, but on information from later tokens, and cannot generate."""
+    if cfg.moe is not None and cfg.moe.router == "expert_choice" and not allow_noncausal_router:
+        raise ValueError("router='expert_choice' is not causal (each expert picks tokens from the "
+                         "whole batch, later tokens included): a language model trained with it "
+                         "cannot generate; pass --allow-noncausal-router to train it anyway")
 
 
 def _build_model(cfg: ModelConfig, device: torch.device | str):
@@ -178,8 +171,35 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT and SIGTERM ask the trainer to stop after the update in progress (it then saves
+    a checkpoint); a second signal stops at once (KeyboardInterrupt). Only in the main thread
+    (the only one Python delivers signals to); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+        print(f"\nsmoe: {signal.Signals(signum).name}: stopping after this step and saving a "
+              "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress: bool,
-         device: torch.device | str, log, init_weights: Path | None = None) -> RunResult:
+         device: torch.device | str, log, init_weights: Path | None = None,
+         commit_config: dict[str, Any] | None = None) -> RunResult:
     from smoe.data import Batcher, val_batches
 
     train_cfg = TrainConfig.from_dict(run_cfg["train"])
@@ -221,7 +241,14 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
         log(f"{run_dir} is already at step {trainer.step} of {train_cfg.steps}: nothing to do")
         return RunResult(run_dir, trainer.step, 0.0, None, model, data.tokenizer)
     start = trainer.elapsed_s
-    with MetricsLogger(run_dir, purge_step=trainer.step or None) as logger:
+    trainer.print_log = not progress
+    if commit_config is not None:  # a resumed run's changed settings: written with its
+        def commit(folder: Path) -> None:   # first checkpoint, so a failed resume changes nothing
+            _write_json(run_dir / RUN_CONFIG, commit_config)
+            trainer.on_checkpoint = None
+        trainer.on_checkpoint = commit
+    with _stop_on_signals(trainer), \
+            MetricsLogger(run_dir, purge_step=trainer.step or None) as logger:
         trainer.logger = logger
         if init_weights is not None and trainer.val:  # where the new run starts from
             logger.log(trainer.evaluate())
@@ -269,7 +296,7 @@ def _check_weights(folder: Path, cfg: ModelConfig, src: Path) -> None:
     from safetensors import safe_open
 
     from smoe.model import SMoETransformer
-    from smoe.train.checkpoint import MODEL_FILE
+    from smoe.checkpoint import MODEL_FILE
 
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in SMoETransformer(cfg).state_dict().items()}
@@ -289,6 +316,24 @@ def init_tokenizer_kind(src: str | Path) -> str | None:
     return tok.kind if tok is not None else None
 
 
+def data_config_for(paths: Sequence[str] = (), tokenizer: str | None = None,
+                    init_from: str | Path | None = None, **fields: Any):
+    """The :class:`smoe.data.DataConfig` of a new run: ``tokenizer`` ``None`` means ``byte``,
+    or for a run started from ``init_from`` the kind of that run's tokenizer (a source without
+    ``tokenizer.json`` needs ``tokenizer="byte"`` given explicitly)."""
+    from smoe.config import check_known_fields
+    from smoe.data import DataConfig
+
+    check_known_fields(DataConfig, fields)
+    if tokenizer is None and init_from is not None:
+        tokenizer = init_tokenizer_kind(init_from)
+        if tokenizer is None:
+            raise ValueError(f"{str(init_from)!r} has no tokenizer.json: pass --tokenizer byte to "
+                             "train its model on bytes (257 ids; the model's vocabulary must "
+                             "hold them)")
+    return DataConfig(paths=tuple(paths), tokenizer=tokenizer or "byte", **fields)
+
+
 def _fit_init_model(cfg: ModelConfig, train: TrainConfig) -> ModelConfig:
     """The source's model config with the train config's MoE loss overrides."""
     if train.seq_len > cfg.max_seq_len:
@@ -306,9 +351,14 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
               data=None, router: str | None = None, replace: bool = False,
               progress: bool = True, device: torch.device | str = "cpu", log=print,
               extra: dict[str, Any] | None = None,
-              init_from: str | Path | None = None) -> RunResult:
+              init_from: str | Path | None = None,
+              model_overrides: dict[str, dict[str, Any]] | None = None,
+              allow_noncausal_router: bool = False) -> RunResult:
     """Train a new run into ``run_dir`` (missing or empty; with ``replace=True`` an earlier
-    smoe run there is deleted first). ``data`` is an :class:`smoe.data.DataConfig` (default:
+    smoe run there, finished or from a failed start, is deleted first, once every input has
+    been checked). ``model_overrides``: ModelConfig/MoEConfig fields over the preset's (see
+    :func:`model_config_for`). A non-causal router (``expert_choice``) is refused unless
+    ``allow_noncausal_router``. ``data`` is an :class:`smoe.data.DataConfig` (default:
     the default corpus, byte tokenizer). ``preset`` defaults to ``tiny-moe``.
 
     ``init_from``: another run folder (trained, or written by ``smoe import``) whose model
@@ -323,8 +373,9 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
     run_dir = Path(run_dir)
     src = None
     if init_from is not None:
-        given = [f"{k}={v!r}" for k, v in (("preset", preset), ("router", router))
-                 if v is not None]
+        given = [f"{k}={v!r}" for k, v in (("preset", preset), ("router", router),
+                                           ("model_overrides", model_overrides))
+                 if v]
         if given:
             raise ValueError(f"{' and '.join(given)} conflicts with --init-from: the model (its "
                              f"size and router) comes from {str(init_from)!r}")
@@ -356,6 +407,7 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
                              f"than the vocab_size={src.model.vocab_size} of the model in "
                              f"{str(src.run_dir)!r}")
         model_cfg = _fit_init_model(src.model, train)
+        check_causal(model_cfg, allow_noncausal_router)
     else:
         get_preset(preset)  # an unknown name raises here, before the data is read
         data_cfg = data if data is not None else DataConfig()
@@ -364,7 +416,8 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
     prepared = prepare_data(data_cfg, tokenizer=tokenizer)
     if src is None:
         model_cfg = model_config_for(preset, prepared.tokenizer.vocab_size, train.seq_len, router,
-                                     train)
+                                     train, overrides=model_overrides)
+    check_causal(model_cfg, allow_noncausal_router)
     for name, stream in (("train", prepared.train), ("validation", prepared.val)):
         if len(stream) < train.seq_len + 1:
             raise ValueError(f"the {name} split has {len(stream)} tokens, fewer than seq_len + 1 "
@@ -372,7 +425,6 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
     if replace and run_dir.exists() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)  # _check_fresh_dir made sure it is an smoe run
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared.tokenizer.save(run_dir)
     run_cfg = {"format": RUN_FORMAT, "version": 1, "preset": preset, "router": router,
                "model": model_cfg.to_dict(), "train": train.to_dict(),
                "data": data_cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -383,7 +435,9 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
         run_cfg["init_from"] = {"path": _abs(src.run_dir), "step": src.step,
                                 **({"imported_from": src.config["imported_from"]}
                                    if "imported_from" in src.config else {})}
+    # config.json first: a folder it is in is an smoe run, which --overwrite may replace.
     _write_json(run_dir / RUN_CONFIG, run_cfg)
+    prepared.tokenizer.save(run_dir)
     return _run(run_dir, run_cfg, prepared, resume=False, progress=progress, device=device,
                 log=log, init_weights=src.weights if src is not None else None)
 
@@ -422,17 +476,23 @@ def resume_run(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
         if value is not None and _differs(value, old):
             raise ValueError(f"{key}={value!r} differs from the run's {old!r}: resume with the "
                              "run's settings, or start a new run in a new folder")
-    train = saved.replace(**{k: v for k, v in (changes or {}).items() if k in RESUMABLE_CHANGES})
-    if train != saved:
-        run_cfg["train"] = train.to_dict()
-        _write_json(run_dir / RUN_CONFIG, run_cfg)
+    changes = {k: v for k, v in (changes or {}).items() if k in RESUMABLE_CHANGES}
+    folder = checkpoint_dir(run_dir)
+    step = int(read_state(folder)["step"]) if folder is not None else 0
+    train = saved.replace(**{k: v for k, v in changes.items() if k != "steps"})
+    if "steps" in changes:
+        train = rescheduled(train, step, changes["steps"])  # no jump in the learning rate
+    commit = None
+    if train != saved:  # written with the first checkpoint: a failed resume changes nothing
+        commit = {**run_cfg, "train": train.to_dict()}
+        run_cfg = commit
     prepared = prepare_data(DataConfig(**data_saved), run_dir=run_dir)
     init_weights = None
-    if "init_from" in run_cfg and checkpoint_dir(run_dir) is None:
+    if "init_from" in run_cfg and folder is None:
         # stopped before its first checkpoint: start again from the source's weights
         init_weights = _init_source(run_cfg["init_from"]["path"]).weights
     return _run(run_dir, run_cfg, prepared, resume=True, progress=progress, device=device,
-                log=log, init_weights=init_weights)
+                log=log, init_weights=init_weights, commit_config=commit)
 
 
 def _abs(path: str | Path) -> str:
@@ -446,27 +506,14 @@ def _differs(a: Any, b: Any) -> bool:
 
 
 # -- using a trained run ------------------------------------------------------------------
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """The run's model (latest checkpoint, eval mode) and tokenizer: safetensors + JSON only."""
-    from smoe.data import load_tokenizer
-    from smoe.model import SMoETransformer
-
-    run_dir = Path(run_dir)
-    run_cfg, folder, state, model_cfg = latest_checkpoint(run_dir)
-    with torch.device("meta"):
-        model = SMoETransformer(model_cfg)
-    model.load_state_dict(load_model_weights(folder, device), strict=True, assign=True)
-    model.eval()
-    return LoadedRun(run_dir, model, load_tokenizer(run_dir), run_cfg, int(state["step"]))
-
-
 def eval_run(run_dir: str | Path, eval_batches: int | None = None,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
+             device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
+             ) -> dict[str, Any]:
     """Evaluate a run's latest checkpoint on its validation split (the run's eval settings,
     or ``eval_batches`` batches)."""
     from smoe.data import DataConfig, prepare_data, val_batches
 
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, dtype)
     if "train" in run.config:
         train = TrainConfig.from_dict(run.config["train"])
     else:  # an imported model: default settings, the default corpus
@@ -484,29 +531,3 @@ def eval_run(run_dir: str | Path, eval_batches: int | None = None,
                          domain_names=data.val.domain_names, bf16=train.bf16)
     row["step"] = run.step
     return row
-
-
-def generate_text(run: LoadedRun | str | Path, prompt: str, max_new_tokens: int = 200,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
-    """The continuation of ``prompt`` by a trained run (the new text only).
-
-    Generation stops at the tokenizer's end-of-document token or at the model's context
-    (``max_new_tokens`` is cut to what fits after the prompt)."""
-    from smoe.inference import generate
-
-    if not isinstance(run, LoadedRun):
-        run = load_run(run)
-    tok = run.tokenizer
-    ids = tok.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty: give some text to continue")
-    limit = run.model.config.max_seq_len
-    if len(ids) >= limit:
-        raise ValueError(f"the prompt is {len(ids)} tokens; the model's context is {limit}")
-    max_new_tokens = min(max_new_tokens, limit - len(ids))
-    out = generate(run.model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                   seed=seed, eos_id=tok.eos_id)
-    new = [int(i) for i in out[len(ids):].tolist()]
-    if tok.eos_id in new:
-        new = new[:new.index(tok.eos_id)]
-    return tok.decode(new)
