@@ -163,14 +163,25 @@ def _run(a: argparse.Namespace) -> int:
                        f"{steps or TRAIN_DEFAULTS['steps']}): the peak learning rate would never "
                        "be reached; give fewer warm-up steps")
     device = apply_runtime(a)
-    from smoe.train import TrainConfig, TrainingDiverged, resume_run, start_run
-    from smoe.train.loop import TrainingStopped
-    from smoe.train.report import format_eval
-
     progress = not a.no_progress
     parallel, log = _parallel(a)
     if parallel is not None and not parallel.is_writer:
         progress = False
+    code = _train(a, parallel, log, progress, device, train_fields, moe_fields, model_fields,
+                  data_fields)
+    if parallel is not None:  # on an error torchrun stops the other ranks
+        from smoe.parallel.health import shutdown
+
+        shutdown()  # heartbeat joined, group destroyed: no abort at exit
+    return code
+
+
+def _train(a, parallel, log, progress, device, train_fields, moe_fields, model_fields,
+           data_fields) -> int:
+    from smoe.train import TrainConfig, TrainingDiverged, resume_run, start_run
+    from smoe.train.loop import TrainingStopped
+    from smoe.train.report import format_eval
+
     try:
         if a.resume:
             unused = sorted(set(moe_fields) | (set(model_fields) - {"preset"}))
