@@ -6,10 +6,22 @@ which sizes, and which optional parts (biases, QK-norm, MLA, attention sinks, sh
 layers) the transformers modeling code builds -- and every count is checked in the tests against
 ``sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())``.
 
-Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss, phimoe,
-granitemoe, dbrx (nested ``attn_config``/``ffn_config``), llama4 / llama4_text (the text model in
-``text_config``), jamba (Mamba + attention hybrid). Any config with a nested ``text_config`` dict
-is planned from that dict. Sizes (hidden size, layers, heads, vocab, FFN widths, experts, top-k,
+Families: every ``model_type`` :mod:`smoe.hf` patches (:func:`hf_families`, the one family list
+of the library). Counted exactly (own rows, held equal to transformers by the tests): mixtral,
+qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss, phimoe, granitemoe, dbrx (nested
+``attn_config``/``ffn_config``), llama4 / llama4_text (the text model in ``text_config``), jamba
+(Mamba + attention hybrid), switch_transformers (encoder-decoder, :mod:`smoe.plan.t5`), and the
+dense llama / mistral / qwen3 for comparison. The other families smoe.hf patches go through a
+generic row (an estimate; its measured error is in :mod:`smoe.plan.families`). Also read: Grok-1
+(no transformers class), native smoe run folders, and configs without ``model_type`` (by
+``architectures`` or by their keys; :mod:`smoe.plan.resolve`). Catalog names
+(:func:`catalog_names`) plan shipped published configs. Any config with a nested
+``text_config`` dict is planned from that dict.
+
+Beyond counting: :mod:`smoe.plan.kv` (KV cache per attention type), :mod:`smoe.plan.gpus`
+(accelerators, links, the measured CPU), :mod:`smoe.plan.roofline` (fit, offload split, decode
+and prefill rooflines, CPU-vs-transfer for offloaded experts), :mod:`smoe.plan.comm` (the
+expert-parallel all-to-all model). Sizes (hidden size, layers, heads, vocab, FFN widths, experts, top-k,
 MLA ranks) are required; optional switches (biases, ``head_dim``, ``num_key_value_heads``,
 ``decoder_sparse_step``, ``first_k_dense_replace``, ...) take transformers' defaults when absent.
 
@@ -49,16 +61,35 @@ Conventions
 from __future__ import annotations
 
 from smoe.plan.families import FAMILIES, QUANT_FORMATS, SUPPORTED_MODEL_TYPES, Family, QuantFormat
+from smoe.plan.gpus import GPUS, LINKS, Hardware, gpu, measure_cpu
+from smoe.plan.kv import KVGroup, kv_bytes, kv_bytes_per_token
+from smoe.plan.models import catalog_names, load_named
+from smoe.plan.resolve import hf_families, known_model_types
 from smoe.plan.result import PlanResult, format_plan, plan_from_config, plan_from_path
+from smoe.plan.roofline import Schemes, hardware_plan
 
 __all__ = [
     "FAMILIES",
+    "GPUS",
+    "LINKS",
     "QUANT_FORMATS",
     "SUPPORTED_MODEL_TYPES",
     "Family",
+    "Hardware",
+    "KVGroup",
     "PlanResult",
     "QuantFormat",
+    "Schemes",
+    "catalog_names",
     "format_plan",
+    "gpu",
+    "hardware_plan",
+    "hf_families",
+    "known_model_types",
+    "kv_bytes",
+    "kv_bytes_per_token",
+    "load_named",
+    "measure_cpu",
     "plan_from_config",
     "plan_from_path",
 ]

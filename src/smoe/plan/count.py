@@ -53,12 +53,14 @@ class Ledger:
     def active(self) -> int:
         return sum(i.numel * i.active for i in self.items)
 
-    def nbytes(self, fmt: str) -> int:
+    def nbytes(self, fmt: str, group: str | None = None) -> int:
         if fmt in ("fp32", "bf16"):
-            return self.total() * (4 if fmt == "fp32" else 2)
+            return self.total(group) * (4 if fmt == "fp32" else 2)
         q = QUANT_FORMATS[fmt]
         out = 0
         for i in self.items:
+            if group not in (None, i.group):
+                continue
             if not i.linear:
                 out += 2 * i.numel * i.count
                 continue
@@ -138,6 +140,19 @@ def _llama4(r: Reader, n_layers: int) -> list[bool]:
     return [(i + 1) % step == 0 for i in range(n_layers)]
 
 
+def _auto(r: Reader, n_layers: int) -> list[bool]:
+    """The generic rule: ``mlp_layer_types`` when given, else the first dense layers
+    (``first_k_dense_replace`` / ``num_dense_layers``), every ``decoder_sparse_step``-th layer,
+    minus ``mlp_only_layers``."""
+    types = r.get("mlp_layer_types", None)
+    if isinstance(types, list) and len(types) == n_layers:
+        return [t != "dense" for t in types]
+    first = r.int(("first_k_dense_replace", "num_dense_layers"), 0)
+    step = r.int("decoder_sparse_step", 1, minimum=1)
+    dense = set(r.get("mlp_only_layers", []) or [])
+    return [i >= first and i not in dense and (i + 1) % step == 0 for i in range(n_layers)]
+
+
 def _jamba(r: Reader, n_layers: int) -> list[bool]:
     period, offset = r.int("expert_layer_period", minimum=1), r.int("expert_layer_offset")
     return [i % period == offset for i in range(n_layers)]
@@ -145,22 +160,30 @@ def _jamba(r: Reader, n_layers: int) -> list[bool]:
 
 #: ``Family.moe_layers`` -> which decoder layers hold a MoE block (the others a dense MLP).
 MOE_LAYER_RULES = {"all": _every, "qwen": _qwen, "deepseek": _deepseek, "llama4": _llama4,
-                   "jamba": _jamba}
+                   "jamba": _jamba, "auto": _auto}
 
 
 # --- per-block counts ---------------------------------------------------------------------------
 
 
-def add_gated_mlp(led: Ledger, group: str, hidden: int, inter: int, n: int, bias: bool) -> None:
-    led.matrix(group, 2 * inter, hidden, n, bias=bias)  # gate_proj and up_proj
+def add_gated_mlp(led: Ledger, group: str, hidden: int, inter: int, n: int, bias: bool,
+                  gated: bool = True) -> None:
+    led.matrix(group, (2 if gated else 1) * inter, hidden, n, bias=bias)  # gate_proj and up_proj
     led.matrix(group, hidden, inter, n, bias=bias)      # down_proj
+
+
+def uses_mla(r: Reader, fam: Family) -> bool:
+    """DeepSeek's multi-head latent attention (``auto``: when the config has ``kv_lora_rank``)."""
+    if fam.attention == "auto":
+        return r.get("kv_lora_rank", None) is not None
+    return fam.attention == "mla"
 
 
 def add_attention(led: Ledger, r: Reader, fam: Family, n: int, hidden: int, heads: int,
                   kv_heads: int, head_dim: int) -> None:
     qkv_bias, o_bias = r.flag(fam.qkv_bias), r.flag(fam.o_bias)
-    if fam.attention == "mla":  # DeepSeek multi-head latent attention
-        q_lora = r.int("q_lora_rank", minimum=1, nullable=True)
+    if uses_mla(r, fam):  # DeepSeek multi-head latent attention
+        q_lora = r.int("q_lora_rank", None, minimum=1, nullable=True)
         kv_lora = r.int("kv_lora_rank", minimum=1)
         nope, rope = r.int("qk_nope_head_dim"), r.int("qk_rope_head_dim")
         v_dim = r.int("v_head_dim", minimum=1)
@@ -178,9 +201,12 @@ def add_attention(led: Ledger, r: Reader, fam: Family, n: int, hidden: int, head
     led.matrix("attention", heads * head_dim, hidden, n, bias=qkv_bias)           # q_proj
     led.matrix("attention", kv_heads * head_dim, hidden, 2 * n, bias=qkv_bias)    # k_proj, v_proj
     led.matrix("attention", hidden, heads * head_dim, n, bias=o_bias)             # o_proj
-    if fam.qk_norm == "per_head":
+    qk_norm = fam.qk_norm
+    if qk_norm.startswith("flag:"):
+        qk_norm = "per_head" if r.flag(qk_norm[5:]) else "none"
+    if qk_norm == "per_head":
         led.vector("attention", 2 * head_dim, n)
-    elif fam.qk_norm == "olmoe":  # over the full projected width (k with hidden // heads)
+    elif qk_norm == "olmoe":  # over the full projected width (k with hidden // heads)
         led.vector("attention", hidden + hidden // heads * kv_heads, n)
     if fam.sinks:
         led.vector("attention", heads, n)
@@ -206,9 +232,10 @@ def add_moe(led: Ledger, r: Reader, fam: Family, n: int, hidden: int, n_exp: int
             top_k: int) -> int:
     """Add ``n`` MoE blocks; returns the number of shared experts per block."""
     inter = r.int(fam.expert_ffn, minimum=1)
-    led.matrix("router", n_exp, hidden, n, bias=fam.router_bias, linear=False)
-    for rows, cols in ((2 * inter, hidden), (hidden, inter)):  # gate+up, down per expert
-        led.matrix("routed_experts", rows, cols, n * n_exp, bias=fam.expert_bias, active=n * top_k)
+    gated = r.flag(fam.gated)
+    led.matrix("router", n_exp, hidden, n, bias=r.flag(fam.router_bias), linear=False)
+    for rows, cols in (((2 if gated else 1) * inter, hidden), (hidden, inter)):  # gate+up, down
+        led.matrix("routed_experts", rows, cols, n * n_exp, bias=r.flag(fam.expert_bias), active=n * top_k)
     if fam.shared == "deepseek":
         n_shared = r.int("n_shared_experts")
         add_gated_mlp(led, "shared_experts", hidden, n_shared * inter, n, r.flag(fam.mlp_bias))
@@ -221,6 +248,20 @@ def add_moe(led: Ledger, r: Reader, fam: Family, n: int, hidden: int, n_exp: int
     if fam.shared == "llama4":
         add_gated_mlp(led, "shared_experts", hidden, inter, n, False)
         return 1
+    if fam.shared == "sized":  # smoe: the total inner width of the shared experts
+        width = r.int("shared_expert_intermediate_size", 0)
+        if width:
+            add_gated_mlp(led, "shared_experts", hidden, width, n, False, gated)
+            if r.flag("shared_expert_gate"):
+                led.matrix("router", 1, hidden, n, linear=False)
+        return r.int("n_shared_experts", 1 if width else 0)
+    if fam.shared == "auto":
+        count = r.int(("n_shared_experts", "num_shared_experts"), 0)
+        width = count * inter or r.int(("shared_expert_intermediate_size",
+                                        "shared_intermediate_size"), 0)
+        if width:
+            add_gated_mlp(led, "shared_experts", hidden, width, n, False)
+        return count or int(width > 0)
     return 0
 
 

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from smoe.plan.count import (MOE_LAYER_RULES, Ledger, Reader, add_attention, add_gated_mlp,
-                             add_mamba, add_moe)
-from smoe.plan.families import (ALIASES, FAMILIES, KEPT_BF16, QUANT_FORMATS,
-                                SUPPORTED_MODEL_TYPES)
+                             add_mamba, add_moe, uses_mla)
+from smoe.plan.families import DENSE_FAMILIES, KEPT_BF16, QUANT_FORMATS
+from smoe.plan.kv import KVGroup, kv_groups
+from smoe.plan.resolve import resolve, smoe_run_to_hf
+
+#: ``breakdown`` / ``weight_bytes_by_part`` groups, in table order.
+GROUPS = ("embedding", "lm_head", "attention", "mamba", "dense_mlp", "shared_experts",
+          "routed_experts", "router", "norms")
 
 __all__ = ["PlanResult", "format_plan", "plan_from_config", "plan_from_path"]
 
@@ -42,6 +47,13 @@ class PlanResult:
     breakdown: dict[str, int]
     weight_bytes: dict[str, int]
     notes: list[str]
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    max_position_embeddings: int | None = None
+    exact: bool = True
+    weight_bytes_by_part: dict[str, dict[str, int]] | None = None
+    kv_layers: list[KVGroup] | None = None
 
     @property
     def num_dense_layers(self) -> int:
@@ -49,6 +61,7 @@ class PlanResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["kv_layers"] = [g.to_dict() for g in self.kv_layers or []]
         out["num_dense_layers"] = self.num_dense_layers
         out["quantization"] = {**{k: q.description for k, q in QUANT_FORMATS.items()},
                                "kept_in_bf16": KEPT_BF16}
@@ -62,9 +75,12 @@ class PlanResult:
         return out
 
 
-def _unwrap(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, Any], list[str]]:
-    """Pick the family and the dict to read; a nested ``text_config`` is used on its own."""
+def _unwrap(cfg: Mapping[str, Any], source: str) -> tuple[Mapping[str, Any], list[str]]:
+    """The dict to read: a nested ``text_config`` is used on its own, a smoe run's ``model``
+    section is translated."""
     notes: list[str] = []
+    if cfg.get("format") == "smoe-run" and isinstance(cfg.get("model"), Mapping):
+        return smoe_run_to_hf(cfg, source), ["a native smoe run"]
     outer = cfg.get("model_type")
     text = cfg.get("text_config")
     if isinstance(text, Mapping):
@@ -73,42 +89,66 @@ def _unwrap(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, Any]
             inner["tie_word_embeddings"] = cfg["tie_word_embeddings"]
         notes.append(f"{outer or 'model'}: counted the language model in text_config only "
                      "(vision/audio towers and projectors are not counted)")
-        cfg, model_type = inner, inner.get("model_type") or outer
-    else:
-        model_type = outer
-    if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"{source}: no 'model_type' field; supported MoE families: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    model_type = ALIASES.get(model_type, model_type)
-    if model_type not in FAMILIES:
-        raise ValueError(f"{source}: model_type {model_type!r} is not a supported MoE family; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    return model_type, cfg, notes
+        if not inner.get("model_type") and outer:
+            inner["model_type"] = outer
+        cfg = inner
+    return cfg, notes
+
+
+def _check_attention(source: str, hidden: int, heads: int, kv_heads: int,
+                     head_dim_given: bool) -> None:
+    """Shapes no attention layer can have, refused with the field named."""
+    if not head_dim_given and hidden % heads:
+        raise ValueError(f"{source}: num_attention_heads={heads} does not divide hidden_size="
+                         f"{hidden}; fix num_attention_heads or give head_dim")
+    if kv_heads > heads:
+        raise ValueError(f"{source}: num_key_value_heads={kv_heads} is larger than "
+                         f"num_attention_heads={heads}")
+    if heads % kv_heads:
+        raise ValueError(f"{source}: num_key_value_heads={kv_heads} does not divide "
+                         f"num_attention_heads={heads}")
 
 
 def plan_from_config(config: Mapping[str, Any], *, source: str = "config") -> PlanResult:
-    """Count the parameters and weight bytes of the model a HF ``config.json`` dict describes.
+    """Count the parameters and weight bytes of the model a HF ``config.json`` dict describes
+    (or a smoe run's ``config.json``).
 
-    ``source`` names the config in error messages. Raises ``ValueError`` for an unknown or non-MoE
-    ``model_type`` and for missing or malformed fields (the message names the field).
+    ``source`` names the config in error messages. Raises ``ValueError`` for an unknown
+    ``model_type``, for missing or malformed fields and for shapes no model can have (the message
+    names the field).
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
-    model_type, cfg, notes = _unwrap(config, source)
-    fam = FAMILIES[model_type]
+    cfg, notes = _unwrap(config, source)
+    model_type, fam, more = resolve(cfg, source)
+    notes += more
+    if model_type == "switch_transformers":
+        from smoe.plan.t5 import plan_switch
+
+        return plan_switch(cfg, source, notes)
     r = Reader(cfg, model_type, fam, source)
 
     hidden = r.int(("hidden_size", "d_model"), minimum=1)
     n_layers = r.int(("num_hidden_layers", "n_layers"), minimum=1)
-    heads = r.int(("num_attention_heads", "n_heads"), minimum=1)
+    heads = r.int(fam.heads, minimum=1)
     vocab = r.int("vocab_size", minimum=1)
     kv_heads = r.int(fam.kv_heads, heads, minimum=1)
+    if uses_mla(r, fam):  # heads of their own widths; key/value heads are the query heads
+        kv_heads = heads
+    else:
+        _check_attention(source, hidden, heads, kv_heads,
+                         bool(fam.head_dim) and r.get(fam.head_dim, None) is not None)
     head_dim = r.int(fam.head_dim, hidden // heads, minimum=1) if fam.head_dim else hidden // heads
-    n_exp = r.int(fam.num_experts)
-    top_k = r.int(fam.top_k, minimum=1)
+    dense_model = model_type in DENSE_FAMILIES
+    n_exp = r.int(fam.num_experts, 0) if dense_model else r.int(fam.num_experts, minimum=1)
+    top_k = r.int(fam.top_k, 1, minimum=1) if dense_model else r.int(fam.top_k, minimum=1)
     if n_exp and top_k > n_exp:
-        raise ValueError(f"{source}: top_k={top_k} is larger than the number of experts {n_exp}")
+        key = fam.top_k[0] if isinstance(fam.top_k, tuple) else fam.top_k
+        raise ValueError(f"{source}: {key}: top_k={top_k} is larger than the number of experts "
+                         f"{n_exp}")
     tied = bool(r.get("tie_word_embeddings", False))
+    max_pos = r.int(("max_position_embeddings", "max_seq_len", "n_positions"), None,
+                    nullable=True)
 
     is_moe = MOE_LAYER_RULES[fam.moe_layers](r, n_layers) if n_exp else [False] * n_layers
     n_moe = sum(is_moe)
@@ -131,7 +171,7 @@ def plan_from_config(config: Mapping[str, Any], *, source: str = "config") -> Pl
         add_mamba(led, r, n_layers - n_attn, hidden)
     if n_layers - n_moe:
         add_gated_mlp(led, "dense_mlp", hidden, r.int(fam.dense_ffn), n_layers - n_moe,
-                      r.flag(fam.mlp_bias))
+                      r.flag(fam.mlp_bias), r.flag(fam.gated))
     n_shared = 0
     if n_moe:
         n_shared = add_moe(led, r, fam, n_moe, hidden, n_exp, top_k)
@@ -150,9 +190,8 @@ def plan_from_config(config: Mapping[str, Any], *, source: str = "config") -> Pl
         notes.append(f"router e_score_correction_bias buffers ({n_moe * n_exp:,} fp32 values) are "
                      "buffers, not parameters, and are not counted")
 
-    breakdown = {g: led.total(g) for g in ("embedding", "lm_head", "attention", "mamba",
-                                           "dense_mlp", "shared_experts", "routed_experts",
-                                           "router", "norms")}
+    breakdown = {g: led.total(g) for g in GROUPS}
+    formats = ("fp32", "bf16", *QUANT_FORMATS)
     total, active = led.total(), led.active()
     embedding = breakdown["embedding"]
     return PlanResult(
@@ -164,22 +203,36 @@ def plan_from_config(config: Mapping[str, Any], *, source: str = "config") -> Pl
         non_expert_params=total - breakdown["routed_experts"], embedding_params=embedding,
         lm_head_params=breakdown["lm_head"] + (embedding if tied else 0), mtp_params=mtp,
         breakdown=breakdown,
-        weight_bytes={f: led.nbytes(f) for f in ("fp32", "bf16", *QUANT_FORMATS)}, notes=notes)
+        weight_bytes={f: led.nbytes(f) for f in formats}, notes=notes,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_pos, exact=fam.exact,
+        weight_bytes_by_part={g: {f: led.nbytes(f, g) for f in formats} for g in GROUPS
+                              if breakdown[g]},
+        kv_layers=kv_groups(r, fam, n_layers=n_layers, n_attn=n_attn, hidden=hidden,
+                            heads=heads, kv_heads=kv_heads, head_dim=head_dim))
 
 
 def plan_from_path(path: str | Path) -> PlanResult:
-    """:func:`plan_from_config` on a ``config.json`` file, or on a folder holding one.
+    """:func:`plan_from_config` on a ``config.json`` file, a folder holding one (a HF model or a
+    smoe run), or a catalog name (:func:`smoe.plan.models.catalog_names`, e.g. ``mixtral-8x7b``).
 
-    Raises ``FileNotFoundError`` for a missing file or a folder without ``config.json`` and
-    ``ValueError`` for unreadable or invalid JSON (both name the path).
+    Raises ``FileNotFoundError`` for a missing file that is no catalog name or a folder without
+    ``config.json``, and ``ValueError`` for unreadable or invalid JSON (both name the path).
     """
+    from smoe.plan.models import CATALOG_DIR, catalog_names, load_named
+
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
         if not p.is_file():
             raise FileNotFoundError(f"{path}: folder has no config.json")
     elif not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        named = load_named(str(path)) if "/" not in str(path) else None
+        if named is None:
+            raise FileNotFoundError(f"{path}: no such file or folder, and not a catalog name "
+                                    f"({', '.join(catalog_names())})")
+        source = f"{path} (catalog: {named.get('_source_url', CATALOG_DIR)})"
+        return plan_from_config(named, source=source)
     try:
         config = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -187,8 +240,6 @@ def plan_from_path(path: str | Path) -> PlanResult:
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: cannot read: {exc}") from None
     return plan_from_config(config, source=str(p))
-
-
 
 
 def _short(n: float) -> str:
