@@ -262,23 +262,35 @@ def _check_equal_to_one_process(out_dir: Path, scenario: str, world: int) -> Non
 
 
 def _check_bytes(out, ranks, world: int) -> None:
-    """Every (token, expert) pair whose expert lives on another rank crosses once in dispatch
-    and once back in combine: K * T * (1 - local fraction) rows of D float32 per layer."""
-    D = 32 * 4  # hidden 32, float32
+    """The bytes the all-to-alls moved equal the plan's communication model (smoe.plan.comm),
+    exactly for dropless routing: every (token, expert) pair whose expert lives on another rank
+    crosses once in dispatch and once back in combine, a row of D float32."""
+    from smoe.plan.comm import CommConfig, a2a_bytes_from_routing, comm_per_layer
+
+    D, E = 32, 8
     B, T = out.logits.shape[:2]
     per_rank = B // world
-    E = 8
-    S = E // world
-    remote = [0] * world
+    rank_of_expert = [e // (E // world) for e in range(E)]
+    want = [0] * world
+    remote_rows = 0
     for info in out.moe_infos:
         experts_BTK = info.expert_indices.view(B, T, -1)
         for r in range(world):
-            dest = experts_BTK[r * per_rank:(r + 1) * per_rank] // S
-            remote[r] += int((dest != r).sum())
+            rows, nbytes = a2a_bytes_from_routing(
+                experts_BTK[r * per_rank:(r + 1) * per_rank].reshape(-1, 2), rank_of_expert, r,
+                hidden=D, dtype_bytes=4)
+            want[r] += nbytes
+            remote_rows += rows
     for r in range(world):
-        sent, back = int(ranks[r]["bytes"][0]), int(ranks[r]["bytes"][1])
-        assert sent == remote[r] * D, (r, sent, remote[r] * D)
-    assert sum(int(x["bytes"][1]) for x in ranks) == sum(remote) * D
+        assert int(ranks[r]["bytes"][0]) == want[r], (r, int(ranks[r]["bytes"][0]), want[r])
+    assert sum(int(x["bytes"][1]) for x in ranks) == sum(want)  # combine: the same rows back
+    # The per-token model with the measured local fraction gives the same total.
+    pairs = B * T * 2 * len(out.moe_infos)
+    model = comm_per_layer(CommConfig(hidden=D, top_k=2, num_experts=E, ep=world,
+                                      dispatch_dtype="fp32", combine_dtype="fp32",
+                                      local_fraction=1 - remote_rows / pairs), tokens=1)
+    total = model.dispatch_bytes * B * T * len(out.moe_infos)
+    assert abs(total - sum(want)) < 1e-6 * sum(want)
 
 
 @pytest.mark.timeout(300)
