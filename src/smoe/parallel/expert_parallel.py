@@ -62,6 +62,7 @@ class CommCounter:
     count_bytes: int = 0
     rows_sent: int = 0
     rows_local: int = 0
+    rows_received: int = 0     # rows this rank's experts processed (from every rank)
     calls: int = 0
     history: list = field(default_factory=list)
 
@@ -171,6 +172,8 @@ class AllToAllDispatcher(LocalDispatcher):
             c.calls += 1
             c.rows_sent += remote
             c.rows_local += in_splits[self.rank]
+            c.rows_received += sum(out_splits)
+            c.history.append(sum(out_splits))
             c.dispatch_bytes += remote * row_bytes
             c.combine_bytes += (sum(out_splits) - out_splits[self.rank]) * row_bytes
             c.count_bytes += (P - 1) * S * send_PS.element_size()
