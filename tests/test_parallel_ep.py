@@ -77,6 +77,8 @@ def _run_scenario(scenario: str, out: Path, rank: int, world: int) -> None:
     name, _, variant = scenario.partition(":")
     if name == "hf":
         return _run_hf(out, rank, world)
+    if name == "replace":
+        return _run_replace(out, rank, world)
     kwargs = dict(SCENARIOS.get(name, {}))
     if name == "mismatch" and rank == 1:
         kwargs["hidden"] = 48
@@ -157,6 +159,37 @@ def _run_hf(out: Path, rank: int, world: int) -> None:
     if rank == 0:
         tensors.update({f"grad.{k}": v.contiguous() for k, v in full.items()})
     save_file(tensors, str(out / f"hf.rank{rank}.safetensors"))
+
+
+def _run_replace(out: Path, rank: int, world: int) -> None:
+    """A running EP model moved to a new placement (with replicas) gives the same outputs and
+    still holds the same weights."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from smoe.parallel import launch
+    from smoe.parallel.expert_parallel import apply_placement, expert_parallel
+    from smoe.parallel.placement import plan_placement
+
+    cfg = _config()
+    model = _build(cfg).eval()
+    ep = expert_parallel(model, dist.group.WORLD)
+    x_BT, _ = _batch(cfg)
+    B = x_BT.shape[0] // world
+    with torch.no_grad():
+        before = model(x_BT[rank * B:(rank + 1) * B]).logits
+        loads = [info.tokens_per_expert.double() + 1
+                 for info in model(x_BT[rank * B:(rank + 1) * B]).moe_infos]
+        for load in loads:  # every rank plans from the same (global) load
+            dist.all_reduce(load)
+        apply_placement(model, ep, [plan_placement(load, world, 4) for load in loads])
+        after = model(x_BT[rank * B:(rank + 1) * B]).logits
+    full = launch.consolidated_state_dict(model, ep)
+    tensors = {"before": before.contiguous(), "after": after.contiguous(),
+               "slots": torch.tensor([lay.slots.numel() for lay in ep.layers])}
+    if rank == 0:
+        tensors.update({f"w.{k}": v.contiguous() for k, v in full.items()})
+    save_file(tensors, str(out / f"replace.rank{rank}.safetensors"))
 
 
 def _worker(scenarios: str, out: Path) -> None:
@@ -325,12 +358,19 @@ def _check_hf(out_dir: Path, world: int) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_ep4_equals_one_process_capacity_replicas_and_indivisible(tmp_path):
-    scenarios = ["dropless", "capacity", "dropless:replicas", "indivisible"]
+def test_ep4_equals_one_process_capacity_replicas_replacement_indivisible(tmp_path):
+    scenarios = ["dropless", "capacity", "dropless:replicas", "indivisible", "replace"]
     codes, _ = _launch(",".join(scenarios), 4, tmp_path, timeout_s=240)
     assert codes == [0] * 4, [p.read_text() for p in tmp_path.glob("*.err")]
     for scenario in scenarios[:3]:
         _check_equal_to_one_process(tmp_path, scenario, 4)
+    # apply_placement on the running model: same outputs, same weights, 3 slots per rank now.
+    ranks = [_load(tmp_path, f"replace.rank{r}") for r in range(4)]
+    for r in ranks:
+        torch.testing.assert_close(r["after"], r["before"], atol=TOL, rtol=0)
+        assert r["slots"].tolist() == [3, 3]
+    for name, w in _build(_config()).state_dict().items():
+        assert torch.equal(ranks[0][f"w.{name}"], w), name
     for r in range(4):
         msg = (tmp_path / f"indivisible.rank{r}.err").read_text()
         assert "does not divide num_experts" in msg and "\n" not in msg, msg
