@@ -30,7 +30,6 @@ gathered scores of every token: not implemented).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -384,7 +383,7 @@ def apply_placement(model: torch.nn.Module, ep: ExpertParallel, placement) -> No
     keeps the slots of the new placement, and the dispatcher switches to it. Call it on every
     rank between steps. Optimizer state of the expert parameters is not carried over: rebuild
     the optimizer (or load a consolidated checkpoint) after a move during training."""
-    from smoe.parallel.launch import _owner_mask, _expert_grads_buffer
+    from smoe.parallel.launch import owner_mask, scatter_to_experts
 
     placements = ([placement] * len(ep.layers) if isinstance(placement, Placement)
                   else list(placement))
@@ -399,14 +398,14 @@ def apply_placement(model: torch.nn.Module, ep: ExpertParallel, placement) -> No
                             json.dumps([p.to_dict() for p in placements]), ep.group)
     for p, lay in zip(placements, ep.layers):
         experts = lay.layer.experts
-        keep = _owner_mask(ep, lay, ep.group)
+        keep = owner_mask(ep, lay, ep.group)
         new_slots = torch.tensor(p.slots[ep.rank], dtype=torch.long)
         for module, attr, qual in lay.owners:
             if qual not in lay.param_names:
                 continue
             w = getattr(module, attr)
             vals = w.detach() * keep.view((-1,) + (1,) * (w.dim() - 1)).to(w.device, w.dtype)
-            full = _expert_grads_buffer(w, lay.slots, p.num_experts, vals)
+            full = scatter_to_experts(w, lay.slots, p.num_experts, vals)
             guarded("all-reduce of expert weights", dist.all_reduce, full, group=ep.group)
             setattr(module, attr, torch.nn.Parameter(
                 full.index_select(0, new_slots.to(full.device)), requires_grad=w.requires_grad))

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from smoe.parallel.expert_parallel import ExpertParallel
 from smoe.parallel.health import guarded, init_process_group
 
-__all__ = ["ParallelLayout", "setup", "sync_gradients", "update_router_biases", "all_reduce_expert_loads",
+__all__ = ["ParallelLayout", "setup", "sync_gradients", "update_router_biases",
+           "all_reduce_expert_loads", "owner_mask", "scatter_to_experts",
            "consolidated_state_dict", "load_consolidated", "is_torchrun"]
 
 
@@ -83,8 +84,10 @@ def setup(ep_size: int, backend: str | None = None, timeout_s: float = 300.0) ->
                           dp_groups[rank % ep_size])
 
 
-def _expert_grads_buffer(p: torch.Tensor, slots: torch.Tensor, E: int,
-                         values: torch.Tensor) -> torch.Tensor:
+def scatter_to_experts(p: torch.Tensor, slots: torch.Tensor, E: int,
+                       values: torch.Tensor) -> torch.Tensor:
+    """An [E, ...] tensor holding ``values`` (one row per local slot) at the slots' logical
+    experts, zeros elsewhere (replicas on one rank add up); all-reduce it to gather."""
     buf = values.new_zeros((E,) + tuple(values.shape[1:]))
     return buf.index_add_(0, slots.to(values.device), values)
 
@@ -111,7 +114,7 @@ def sync_gradients(model: torch.nn.Module, ep: ExpertParallel, group=None) -> No
     for name, lay in experts.items():
         p = params[name]
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        buf = _expert_grads_buffer(p, lay.slots, lay.placement.num_experts, g)
+        buf = scatter_to_experts(p, lay.slots, lay.placement.num_experts, g)
         guarded("all-reduce of expert gradients", dist.all_reduce, buf, group=group)
         p.grad = buf.index_select(0, lay.slots.to(buf.device)) / W
 
@@ -139,7 +142,7 @@ def update_router_biases(model: torch.nn.Module, group=None) -> None:
     model.update_router_biases()
 
 
-def _owner_mask(ep: ExpertParallel, lay, group) -> torch.Tensor:
+def owner_mask(ep: ExpertParallel, lay, group) -> torch.Tensor:
     """Which of this rank's slots write the expert into a consolidated tensor: the first
     replica in the placement, and only in the first EP group (DP rank 0)."""
     first_group = min(dist.get_process_group_ranks(ep.group)) == \
@@ -170,9 +173,9 @@ def consolidated_state_dict(model: torch.nn.Module, ep: ExpertParallel, group=No
         if lay is None:
             out[name] = t.detach().clone()
             continue
-        keep = _owner_mask(ep, lay, group).to(t.device)
+        keep = owner_mask(ep, lay, group).to(t.device)
         vals = t.detach() * keep.view((-1,) + (1,) * (t.dim() - 1)).to(t.dtype)
-        buf = _expert_grads_buffer(t, lay.slots, lay.placement.num_experts, vals)
+        buf = scatter_to_experts(t, lay.slots, lay.placement.num_experts, vals)
         guarded("all-reduce of expert weights", dist.all_reduce, buf, group=group)
         out[name] = buf
     return out

@@ -75,7 +75,7 @@ def global_grad_norm(model: torch.nn.Module, ep: ExpertParallel) -> torch.Tensor
         if lay is None:
             dense_sq += p.grad.double().pow(2).sum().cpu()
         else:
-            keep = launch._owner_mask(ep, lay, dist.group.WORLD).to(p.grad.device)
+            keep = launch.owner_mask(ep, lay, dist.group.WORLD).to(p.grad.device)
             expert_sq += p.grad[keep].double().pow(2).sum().cpu()
     guarded("all-reduce of the gradient norm", dist.all_reduce, expert_sq)
     return (dense_sq + expert_sq).sqrt()
@@ -169,9 +169,9 @@ class ExpertParallelTrainer(Trainer):
             t = tensors[key]
             lay = experts.get(key.rpartition("/")[0])
             if lay is not None and t.dim() >= 1 and t.shape[0] == lay.slots.numel():
-                keep = launch._owner_mask(self.ep, lay, dist.group.WORLD)
+                keep = launch.owner_mask(self.ep, lay, dist.group.WORLD)
                 vals = t * keep.view((-1,) + (1,) * (t.dim() - 1)).to(t.dtype)
-                buf = launch._expert_grads_buffer(t, lay.slots, lay.placement.num_experts, vals)
+                buf = launch.scatter_to_experts(t, lay.slots, lay.placement.num_experts, vals)
                 guarded("all-reduce of optimizer state", dist.all_reduce, buf)
                 t = buf
             out[key] = t
