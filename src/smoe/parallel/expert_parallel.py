@@ -223,13 +223,17 @@ def _expert_tensors(model: torch.nn.Module):
             prefix = f"{name}.experts." if name else "experts."
             found.append((name, m, [(m.experts, n, prefix + n)
                                     for n, _ in m.experts.named_parameters(recurse=False)]))
-    from smoe.hf.patch import _ATTR  # the patch keeps its record in the block's __dict__
-
-    patched = [(name, m) for name, m in model.named_modules() if _ATTR in m.__dict__]
+    # smoe.hf.patch keeps, in each patched block's __dict__, a record with the smoe layer and
+    # its ``binds`` (smoe tensor <- the model's tensor); found by shape, so that parallel/ does
+    # not import hf/ (DESIGN.md's import direction).
+    patched = []
+    for name, m in model.named_modules():
+        for v in list(vars(m).values()):
+            if hasattr(v, "binds") and isinstance(getattr(v, "layer", None), MoELayer):
+                patched.append((name, v))
     if patched:
         names = {id(mod): n for n, mod in model.named_modules()}
-        for name, block in patched:
-            patch = block.__dict__[_ATTR]
+        for name, patch in patched:
             owners = [(src, src_name, f"{names[id(src)]}.{src_name}".lstrip("."))
                       for dst, _, src, src_name in patch.binds if dst is patch.layer.experts]
             found.append((name, patch.layer, owners))
