@@ -150,8 +150,9 @@ def main(argv=None) -> int:
     traces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if args.run:
         loads = run_loads(args.run)
-        out.append(f"Trained trace: {args.run}, evaluation at step {loads.pop('step')} "
-                   "(validation text routed per domain, every layer).")
+        out.append(f"Trained trace: tiny-moe with 32 experts (F 64, top-4) trained by `--train`, "
+                   f"its evaluation at step {loads.pop('step')}: the validation text of each "
+                   "domain routed by every layer (assignments before capacity).")
         out.append("")
         other = {"prose": "code", "code": "prose"}
         for d in ("prose", "code"):
