@@ -288,7 +288,8 @@ class ExpertParallel:
             return torch.zeros(())
         group = dist.group.WORLD if group is None else group
         counts_LE = torch.stack([c for _, c, _, _ in self._balance]).to(torch.float64)
-        slots_L = torch.tensor([n for _, _, n, _ in self._balance], dtype=torch.float64)
+        slots_L = torch.tensor([n for _, _, n, _ in self._balance], dtype=torch.float64,
+                               device=counts_LE.device)
         packed = torch.cat([counts_LE, slots_L.unsqueeze(1)], dim=1)
         guarded("all-reduce of routing counts", dist.all_reduce, packed, group=group)
         total = None

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["RankLostError", "init_process_group", "shutdown", "Heartbeat", "lost_ranks",
-           "guarded", "check_same_across_ranks"]
+           "guarded", "check_same_across_ranks", "collective_device"]
 
 
 class RankLostError(RuntimeError):
@@ -133,10 +133,18 @@ def guarded(what: str, fn, *args, **kwargs):
                             ) from exc
 
 
+def collective_device(group=None) -> torch.device:
+    """Where this group's collectives take tensors: the current CUDA device under NCCL, else the
+    CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def check_same_across_ranks(what: str, value: str, group=None) -> None:
     """One-line ValueError when ``value`` (a config fingerprint) differs between ranks."""
     digest = torch.frombuffer(bytearray(hashlib.sha256(value.encode()).digest()),
-                              dtype=torch.uint8).to(torch.int64)
+                              dtype=torch.uint8).to(torch.int64).to(collective_device(group))
     values = [torch.empty_like(digest) for _ in range(dist.get_world_size(group))]
     guarded(f"comparing {what} across ranks", dist.all_gather, values, digest, group=group)
     if any(not torch.equal(v, values[0]) for v in values):

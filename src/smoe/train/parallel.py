@@ -31,7 +31,7 @@ import torch.distributed as dist
 from smoe import checkpoint as ckpt
 from smoe.parallel import launch
 from smoe.parallel.expert_parallel import ExpertParallel, expert_parallel
-from smoe.parallel.health import guarded
+from smoe.parallel.health import collective_device, guarded
 from smoe.train.loop import Trainer, TrainingDiverged
 from smoe.train.metrics import load_fractions, load_imbalance
 from smoe.train.optim import (lr_at, optimizer_state_from_tensors, optimizer_state_to_tensors,
@@ -77,8 +77,9 @@ def global_grad_norm(model: torch.nn.Module, ep: ExpertParallel) -> torch.Tensor
         else:
             keep = launch.owner_mask(ep, lay, dist.group.WORLD).to(p.grad.device)
             expert_sq += p.grad[keep].double().pow(2).sum().cpu()
+    expert_sq = expert_sq.to(collective_device())
     guarded("all-reduce of the gradient norm", dist.all_reduce, expert_sq)
-    return (dense_sq + expert_sq).sqrt()
+    return (dense_sq + expert_sq.cpu()).sqrt()
 
 
 class ExpertParallelTrainer(Trainer):
@@ -128,7 +129,9 @@ class ExpertParallelTrainer(Trainer):
         launch.sync_gradients(model, self.ep)
         packed = torch.cat([sums, torch.tensor([float(dropped)], dtype=torch.float64)]
                            + ([counts_LE.double().reshape(-1)] if counts_LE is not None else []))
+        packed = packed.to(collective_device())
         guarded("all-reduce of step statistics", dist.all_reduce, packed)
+        packed = packed.cpu()
         ce, aux, z = (float(v) / W for v in packed[:3])
         dropped = int(packed[3])
         if counts_LE is not None:
