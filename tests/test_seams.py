@@ -218,3 +218,29 @@ def test_info_does_not_hold_the_layer_and_release_drops_router_tensors():
         _, info1 = layer(x[:1])
     info1.release()
     assert int(info1.tokens_per_expert.sum()) == 2 and int(info1.dropped_tokens) == 0
+
+
+def test_core_imports_nothing_outside_the_core():
+    """``nn/`` and ``model.py`` load no train, hf, inference, monitor, serve or parallel module
+    (``smoe.model.KVCache``, the old name of the static cache, resolves lazily on use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, smoe.model, smoe.nn; print(sorted(m for m in sys.modules if "
+            "m.split('.')[:2][-1] in ('train', 'hf', 'inference', 'monitor', 'serve', "
+            "'parallel') and m.startswith('smoe.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_model_output_release_keeps_losses_read_and_counts():
+    model = small_model(seed=8)
+    idx = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(8))
+    out = model(idx, targets_BT=idx)
+    total = out.total_loss.detach().clone()
+    counts = [i.tokens_per_expert.clone() for i in out.moe_infos]
+    out.release()
+    assert all(i.router_logits is None for i in out.moe_infos)
+    assert torch.equal(out.total_loss.detach(), total)
+    assert all(torch.equal(i.tokens_per_expert, c) for i, c in zip(out.moe_infos, counts))

@@ -24,6 +24,14 @@ Build on the meta device and load with ``assign=True`` to avoid a first random i
 
 Non-persistent buffers (the MoE layers' load counters) are recreated on the weights' device by a
 load hook; RoPE tables are computed in each forward, so nothing is left on meta.
+
+Positions and caches: ``model(idx_BT, positions_BT=..., cache=...)``. Each row has its own
+positions (RoPE phases; a negative position marks a padding token). With a cache (any object
+with the protocol of :mod:`smoe.inference.cache`: ``update(layer, positions_BT, k, v) ->
+(keys, values, mask)`` and ``next_positions``), the cache stores the keys and decides the
+attention mask; positions default to continuing each row of the cache. Without a cache,
+attention is causal by index, padding keys excluded, positions default to ``arange(T)``.
+The MoE losses are summed only when ``ModelOutput.aux_loss`` / ``z_loss`` are read.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +50,8 @@ from smoe.nn.experts import DenseMLP, Experts
 from smoe.nn.moe import MoEInfo, MoELayer
 from smoe.nn.router import Router
 
-__all__ = ["SMoETransformer", "ModelOutput", "KVCache", "RMSNorm", "Attention", "Block",
-           "rope_cos_sin", "apply_rope"]
+__all__ = ["SMoETransformer", "ModelOutput", "RMSNorm", "Attention", "DecoderBlock",
+           "rope_cos_sin", "apply_rope", "padded_causal_mask"]
 
 
 @dataclass
@@ -51,16 +60,37 @@ class ModelOutput:
 
     logits: (B, T, V) in the model's dtype.
     loss: mean cross-entropy over targets != -100 (float32), None without targets.
-    aux_loss, z_loss: the MoE layers' weighted balance and z-losses, summed over layers (0-d;
-        zeros for a dense model). ``total_loss`` adds them to ``loss``.
     moe_infos: one :class:`~smoe.nn.moe.MoEInfo` per MoE layer, in layer order.
+    aux_loss, z_loss: the MoE layers' weighted balance and z-losses, summed over layers (0-d
+        float32; zeros for a dense model), computed on first read (decoding never reads them,
+        so it never pays for them). ``total_loss`` adds them to ``loss``.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None
-    aux_loss: torch.Tensor
-    z_loss: torch.Tensor
     moe_infos: list[MoEInfo] = field(default_factory=list)
+    _sums: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def _sum(self, name: str) -> torch.Tensor:
+        if name not in self._sums:
+            zero = self.logits.new_zeros((), dtype=torch.float32)
+            self._sums[name] = sum((getattr(i, name) for i in self.moe_infos), zero)
+        return self._sums[name]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self._sum("aux_loss")
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self._sum("z_loss")
+
+    def release(self) -> ModelOutput:
+        """Drop every MoE layer's [T, E] router tensors (see :meth:`MoEInfo.release`) once
+        the losses that are needed have been read; for code that keeps outputs. Returns self."""
+        for info in self.moe_infos:
+            info.release()
+        return self
 
     @property
     def total_loss(self) -> torch.Tensor:
@@ -101,36 +131,13 @@ def apply_rope(x: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> t
     return x * cos_TH + torch.cat((-x2, x1), dim=-1) * sin_TH
 
 
-class KVCache:
-    """Preallocated keys and values per layer, each (B, nkv, max_seq_len, hs).
-
-    ``model(idx, kv_cache=cache, start_pos=p)`` writes the new keys at [p, p + T) and attends
-    to [0, p + T); the caller advances ``start_pos``.
-    """
-
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_seq_len: int,
-                 head_size: int, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch_size, num_kv_heads, max_seq_len, head_size)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-
-    @classmethod
-    def for_model(cls, model: SMoETransformer, batch_size: int,
-                  max_seq_len: int | None = None) -> KVCache:
-        """A cache on the model's device and in its dtype (length defaults to max_seq_len)."""
-        c, w = model.config, model.embed.weight
-        return cls(c.num_layers, batch_size, c.num_kv_heads, max_seq_len or c.max_seq_len,
-                   c.head_size, device=w.device, dtype=w.dtype)
-
-    def update(self, layer: int, start_pos: int, k_BHTD: torch.Tensor,
-               v_BHTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's keys/values and return views of all keys/values so far."""
-        end = start_pos + k_BHTD.shape[2]
-        self.k[layer][:, :, start_pos:end] = k_BHTD
-        self.v[layer][:, :, start_pos:end] = v_BHTD
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+def padded_causal_mask(positions_BT: torch.Tensor) -> torch.Tensor:
+    """mask_BTT without a cache: query i sees key j iff j <= i and key j is not padding
+    (position < 0); padding queries see every key (their output is discarded, not NaN)."""
+    T = positions_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=positions_BT.device).tril()
+    mask_BTT = causal_TT & (positions_BT >= 0).unsqueeze(1)
+    return mask_BTT | (positions_BT < 0).unsqueeze(-1)
 
 
 class Attention(nn.Module):
@@ -151,7 +158,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hs, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: Any = None, positions_BT: torch.Tensor | None = None,
+                mask_BTT: torch.Tensor | None = None) -> torch.Tensor:
+        """cos/sin: (T, hs) or (B, 1, T, hs). With ``cache`` the cache stores k/v at
+        ``positions_BT`` and returns the mask; without, ``mask_BTT`` (None: causal)."""
         B, T, _ = x_BTD.shape
         hs = self.head_size
         q = self.q_proj(x_BTD).view(B, T, self.num_heads, hs)       # (B, T, nh, hs)
@@ -162,22 +172,21 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hs)
         q, k = apply_rope(q, cos_TH, sin_TH), apply_rope(k, cos_TH, sin_TH)
 
-        mask, causal = None, True
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_index, start_pos, k, v)  # (B, nkv, S, hs)
-            if T == 1:
-                causal = False  # one new query sees every cached key
-            elif start_pos > 0:  # a chunk after a prefix: query i sees keys <= start_pos + i
-                causal = False
-                mask = torch.ones(T, start_pos + T, dtype=torch.bool,
-                                  device=q.device).tril(diagonal=start_pos)
+        mask = mask_BTT
+        if cache is not None:
+            k, v, mask = cache.update(self.layer_index, positions_BT, k, v)  # (B, nkv, S, hs)
+            causal = False  # the cache decided: its mask, or None = every key is visible
+        else:
+            causal = mask is None
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=hs ** -0.5,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * hs))
 
 
-class Block(nn.Module):
+class DecoderBlock(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
@@ -192,14 +201,15 @@ class Block(nn.Module):
             self.ffn = DenseMLP(config.hidden_size, config.ffn_size, config.ffn_activation)
 
     def forward(self, x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor,
-                kv_cache: KVCache | None, start_pos: int) -> tuple[torch.Tensor, MoEInfo | None]:
-        h = self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH, kv_cache, start_pos)
+                cache: Any = None, positions_BT: torch.Tensor | None = None,
+                mask_BTT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEInfo | None]:
+        h = self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH, cache, positions_BT, mask_BTT)
         x_BTD = x_BTD + F.dropout(h, self.dropout, self.training)
         info = None
         if isinstance(self.ffn, MoELayer):
             # Token-choice routers are causal; expert_choice is not (generate refuses it), so
             # the layer is told to be causal only when decoding with a cache.
-            h, info = self.ffn(self.ffn_norm(x_BTD), causal=kv_cache is not None)
+            h, info = self.ffn(self.ffn_norm(x_BTD), causal=cache is not None)
         else:
             h = self.ffn(self.ffn_norm(x_BTD))
         return x_BTD + F.dropout(h, self.dropout, self.training), info
@@ -223,7 +233,7 @@ class SMoETransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = (None if config.tie_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
@@ -263,36 +273,71 @@ class SMoETransformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+                positions_BT: torch.Tensor | None = None, cache: Any = None,
+                kv_cache: Any = None, start_pos: int | None = None) -> ModelOutput:
+        """Logits (and the loss with ``targets_BT``) of ``idx_BT``.
+
+        positions_BT: each token's position (LongTensor (B, T); negative = padding). Defaults
+            to continuing ``cache`` per row, or ``arange(T)`` without a cache.
+        cache: a cache (see :mod:`smoe.inference.cache`) that stores keys and decides the mask.
+        kv_cache, start_pos: the old spelling (``cache=``, ``positions = start_pos +
+            arange(T)``), kept working.
+        """
         B, T = idx_BT.shape
-        limit = kv_cache.max_seq_len if kv_cache is not None else self.config.max_seq_len
-        if start_pos < 0 or start_pos + T > limit:
+        if kv_cache is not None:
+            if cache is not None:
+                raise ValueError("give cache= or its old name kv_cache=, not both")
+            cache = kv_cache
+        if start_pos is not None:
+            if positions_BT is not None:
+                raise ValueError("give positions_BT= or start_pos=, not both")
+            if start_pos < 0:
+                raise ValueError(f"start_pos={start_pos} must be >= 0")
+            positions_BT = torch.arange(start_pos, start_pos + T,
+                                        device=idx_BT.device).expand(B, T)
+        limit = cache.max_seq_len if cache is not None else self.config.max_seq_len
+        if positions_BT is None and cache is None and T > limit:
+            raise ValueError(f"{T} tokens do not fit in max_seq_len={limit}")
+        if start_pos is not None and start_pos + T > limit:
             raise ValueError(f"positions [{start_pos}, {start_pos + T}) do not fit in "
                              f"max_seq_len={limit}")
-        if kv_cache is not None and kv_cache.batch_size != B:
-            raise ValueError(f"kv_cache was made for batch size {kv_cache.batch_size}, got {B}")
+        if positions_BT is None and cache is not None:
+            positions_BT = cache.next_positions(B, T, idx_BT.device)
+        mask_BTT = None
+        if positions_BT is not None:
+            if positions_BT.shape != (B, T):
+                raise ValueError(f"positions_BT has shape {tuple(positions_BT.shape)}, expected "
+                                 f"{(B, T)}")
+            if cache is None:
+                mask_BTT = padded_causal_mask(positions_BT)
+                if T and int(positions_BT.max()) >= limit:
+                    raise ValueError(f"positions up to {int(positions_BT.max())} do not fit in "
+                                     f"max_seq_len={limit}")
+
         x = self.embed(idx_BT)                                          # (B, T, D)
-        positions_T = torch.arange(start_pos, start_pos + T, device=idx_BT.device)
-        cos_TH, sin_TH = rope_cos_sin(positions_T, self.config.head_size,
-                                      self.config.rope_theta, x.dtype)
+        if positions_BT is None or start_pos is not None:  # the same positions in every row
+            first = start_pos or 0
+            cos, sin = rope_cos_sin(torch.arange(first, first + T, device=idx_BT.device),
+                                    self.config.head_size, self.config.rope_theta, x.dtype)
+        else:  # (B, 1, T, hs): per row, broadcast over heads
+            cos, sin = rope_cos_sin(positions_BT.clamp(min=0).reshape(-1),
+                                    self.config.head_size, self.config.rope_theta, x.dtype)
+            cos, sin = (t.view(B, 1, T, -1) for t in (cos, sin))
         x = F.dropout(x, self.config.dropout, self.training)
         infos: list[MoEInfo] = []
         for block in self.layers:
-            x, info = block(x, cos_TH, sin_TH, kv_cache, start_pos)
+            x, info = block(x, cos, sin, cache, positions_BT, mask_BTT)
             if info is not None:
                 infos.append(info)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight)                                    # (B, T, V)
 
-        zero = logits.new_zeros((), dtype=torch.float32)
-        aux_loss = sum((i.aux_loss for i in infos), zero)
-        z_loss = sum((i.z_loss for i in infos), zero)
         loss = None
         if targets_BT is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets_BT.reshape(B * T),
                                    ignore_index=-100)
-        return ModelOutput(logits, loss, aux_loss, z_loss, infos)
+        return ModelOutput(logits, loss, infos)
 
     # -- MoE access -----------------------------------------------------------------------
     def moe_layers(self) -> Iterator[tuple[int, MoELayer]]:
@@ -343,3 +388,12 @@ def _materialize_meta_buffers(module: nn.Module, incompatible_keys) -> None:
             buf = m._buffers.get(name)
             if buf is not None and buf.is_meta:
                 m._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+
+
+def __getattr__(name: str):
+    """``smoe.model.KVCache``: the old name of :class:`smoe.inference.cache.StaticCache`,
+    resolved on first use so that this module imports nothing from ``inference``."""
+    if name == "KVCache":
+        from smoe.inference.cache import StaticCache
+        return StaticCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

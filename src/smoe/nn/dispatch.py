@@ -237,17 +237,18 @@ class LocalDispatcher:
         # Each op costs a few microseconds of dispatch, comparable to reading one small expert's
         # weights, so the loop keeps to row views and in-place accumulation.
         rows = []
+        expert_forward = experts.expert_forward
         for t, (row_e, row_w) in enumerate(zip(route.experts_TK.tolist(),
                                                route.weights_TK.tolist())):
             x_1D = x_TD[t:t + 1]
             acc_1D = None
             for e, w in zip(row_e, row_w):
                 if weights_on_input:
-                    y = experts.expert_forward(x_1D * w, e)
+                    y = expert_forward(x_1D * w, e)
                 elif acc_1D is None:
-                    y = experts.expert_forward(x_1D, e) * w
+                    y = expert_forward(x_1D, e) * w
                 else:
-                    acc_1D.add_(experts.expert_forward(x_1D, e), alpha=w)
+                    acc_1D.add_(expert_forward(x_1D, e), alpha=w)
                     continue
                 acc_1D = y if acc_1D is None else acc_1D.add_(y)
             rows.append(acc_1D if acc_1D is not None else torch.zeros_like(x_1D))

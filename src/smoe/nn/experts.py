@@ -253,7 +253,7 @@ class Experts(ExpertsBase):
             self.down_proj_bias = nn.Parameter(torch.zeros(E, D))
         else:
             self.register_parameter(self.in_name + "_bias", None)
-            self.down_proj_bias = None
+            self.register_parameter("down_proj_bias", None)
         # Interop may set these to read another layout without copying (gpt-oss interleaves
         # gate/up columns and stores weights as in x out); only stacked_weights() reads them.
         self.interleaved = False
@@ -303,13 +303,23 @@ class Experts(ExpertsBase):
 
     # -- the reference: one expert, plain matmuls ----------------------------------------
     def expert_forward(self, x_RD: torch.Tensor, e: int) -> torch.Tensor:
-        w = self.stacked_weights()
-        h = x_RD @ w.w_in[e]
-        if w.b_in is not None:
-            h = h + w.b_in[e]
-        y = self._act(h, w.interleaved) @ w.w_down[e]
-        if w.b_down is not None:
-            y = y + w.b_down[e]
+        # The decode shortcut calls this K times per token, so it reads the stored tensors
+        # directly (the math of stacked_weights(), without building every expert's views or
+        # going through nn.Module attribute lookup).
+        p = self._parameters
+        w_in, w_down = p[self.in_name][e], p["down_proj"][e]
+        if self.transposed:
+            h = x_RD @ w_in
+        else:
+            h = F.linear(x_RD, w_in)
+        b_in = p.get(self.in_name + "_bias")
+        if b_in is not None:
+            h = h + b_in[e]
+        a = self._act(h)
+        y = a @ w_down if self.transposed else F.linear(a, w_down)
+        b_down = p.get("down_proj_bias")
+        if b_down is not None:
+            y = y + b_down[e]
         return y
 
     # -- the fast path: all experts over expert-sorted rows --------------------------------
