@@ -121,10 +121,11 @@ def notes() -> list[str]:
                  "replicas; the dispatcher deals them round-robin per source rank, so the "
                  "measured split is within one row per source rank of even "
                  "(benchmarks/ep_step.py measures it with 4 processes).")
+    trained = (f"{max(same.values()) - 1:.3f} at worst" if same else "not measured")
     lines.append("- TensorRT-LLM reports (max - mean)/mean 1.56 -> 0.11 on DeepSeek-R1 at EP 32 "
                  "with 32 redundant experts on real routing; on Zipf traces of that shape this "
                  "planner reaches ~0.000 when planned and measured on the same load, and the "
-                 "trained model 0.001-0.003; a residual like theirs is what the domain-shift "
+                 f"trained model {trained}; a residual like theirs is what the domain-shift "
                  "rows show when the load met differs from the load planned on (we could not "
                  "run R1's routing here).")
     return lines
