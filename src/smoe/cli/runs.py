@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from smoe.cli.errors import CLIError
@@ -44,6 +45,9 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
                    help="stop before this text (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--no-stream", action="store_true", help="print the text once at the end")
+    p.add_argument("--expert-parallel", type=positive_int, default=None, metavar="D",
+                   help="under torchrun: shard the experts over D processes (the same tokens "
+                   "as one process; rank 0 prints)")
     add_runtime_options(p)
     _add_offload_options(p)
     p.set_defaults(handler=_generate)
@@ -81,11 +85,16 @@ def _generate(a: argparse.Namespace) -> int:
     if a.offload is not None:
         if not 0 < a.offload <= 1:
             raise CLIError(f"--offload {a.offload} must be a fraction in (0, 1]")
+        if a.expert_parallel is not None:
+            raise CLIError("--offload and --expert-parallel cannot be combined yet: give one")
         from smoe.inference.offload import offload
 
         off = offload(run.model, budget=a.offload, policy=a.offload_policy,
                       store=a.offload_store)
-    out = sys.stdout
+    out, log = sys.stdout, stderr_log
+    if a.expert_parallel is not None:
+        if _shard_for_generation(run.model, a.expert_parallel):
+            out, log = open(os.devnull, "w"), None  # rank 0 alone prints
 
     def on_text(piece: str) -> None:
         out.write(piece)
@@ -100,7 +109,7 @@ def _generate(a: argparse.Namespace) -> int:
     try:
         text = generate_text(run, prompt, a.max_new_tokens, temperature=a.temperature,
                              top_p=a.top_p, seed=a.seed, top_k=a.top_k, stop=a.stop or (),
-                             on_text=None if a.no_stream else on_text, log=stderr_log)
+                             on_text=None if a.no_stream else on_text, log=log)
         seconds = time.perf_counter() - t0
     finally:
         if off is not None:
@@ -114,7 +123,29 @@ def _generate(a: argparse.Namespace) -> int:
         stats = off.stats(seconds) if off is not None else {"policy": None, "seconds": seconds}
         stats.update(new_tokens=new, new_tokens_per_s=new / seconds if seconds > 0 else None)
         write_stats_json(a.stats_json, stats)
+    if a.expert_parallel is not None:
+        from smoe.parallel.health import shutdown
+
+        shutdown()
     return 0
+
+
+def _shard_for_generation(model, ep_size: int) -> bool:
+    """Join torchrun's group, shard the experts over ``ep_size`` ranks (every rank runs the
+    same prompt, so every EP group takes part in every all-to-all); True on ranks other than
+    0, which print nothing."""
+    from smoe.parallel.expert_parallel import expert_parallel
+    from smoe.parallel.launch import is_torchrun, setup
+
+    if not is_torchrun():
+        raise CLIError("--expert-parallel needs torchrun: torchrun --nproc_per_node P -m smoe "
+                       "generate RUN --expert-parallel D (D divides P)")
+    try:
+        layout = setup(ep_size)
+        expert_parallel(model, layout.ep_group)
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    return layout.rank != 0
 
 
 def register_eval(sub: argparse._SubParsersAction) -> None:

@@ -110,6 +110,9 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    help=f"updates between metrics lines (default {d['log_every']})")
     t.add_argument("--bf16", action="store_true", default=None,
                    help="bfloat16 autocast for the forward passes (= --dtype bfloat16)")
+    t.add_argument("--expert-parallel", type=positive_int, default=None, metavar="D",
+                   help="under torchrun: shard the experts over D processes (DP x EP = "
+                   "--nproc_per_node); equal to one process, rank 0 writes the run")
     t.add_argument("--no-progress", action="store_true",
                    help="no progress bar: one line per --log-every steps instead")
     dg = p.add_argument_group("data")
@@ -163,11 +166,25 @@ def _run(a: argparse.Namespace) -> int:
                        f"{steps or TRAIN_DEFAULTS['steps']}): the peak learning rate would never "
                        "be reached; give fewer warm-up steps")
     device = apply_runtime(a)
+    progress = not a.no_progress
+    parallel, log = _parallel(a)
+    if parallel is not None and not parallel.is_writer:
+        progress = False
+    code = _train(a, parallel, log, progress, device, train_fields, moe_fields, model_fields,
+                  data_fields)
+    if parallel is not None:  # on an error torchrun stops the other ranks
+        from smoe.parallel.health import shutdown
+
+        shutdown()  # heartbeat joined, group destroyed: no abort at exit
+    return code
+
+
+def _train(a, parallel, log, progress, device, train_fields, moe_fields, model_fields,
+           data_fields) -> int:
     from smoe.train import TrainConfig, TrainingDiverged, resume_run, start_run
     from smoe.train.loop import TrainingStopped
     from smoe.train.report import format_eval
 
-    progress = not a.no_progress
     # Before the loop takes over SIGTERM (data preparation can take a while), it ends the
     # command like Ctrl-C: one line, nothing half-written (files are written atomically).
     previous = _sigterm_as_interrupt()
@@ -178,6 +195,7 @@ def _run(a: argparse.Namespace) -> int:
                 raise CLIError("a resumed run keeps its model: drop --config and the model "
                                f"settings ({', '.join(unused) or 'the config file'})")
             result = resume_run(a.out, train_fields, progress=progress, device=device,
+                                parallel=parallel, log=log,
                                 expect={"preset": model_fields.get("preset"),
                                         "router": a.router,
                                         "tokenizer": data_fields.get("tokenizer"),
@@ -196,7 +214,8 @@ def _run(a: argparse.Namespace) -> int:
                                router=a.router, progress=progress, init_from=a.init_from,
                                replace=a.overwrite, device=device,
                                model_overrides=overrides or None,
-                               allow_noncausal_router=a.allow_noncausal_router)
+                               allow_noncausal_router=a.allow_noncausal_router,
+                               parallel=parallel, log=log)
     except TrainingDiverged as exc:
         raise CLIError(f"{exc}; the last checkpoint in {a.out} is intact") from None
     except TrainingStopped as exc:
@@ -209,6 +228,8 @@ def _run(a: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if parallel is not None and not parallel.is_writer:
+        return 0  # rank 0 alone prints
     if result.last_eval is not None:
         print(format_eval(result.last_eval))
     print(f"trained to step {result.step} in {result.elapsed_s:.1f} s; run folder "
@@ -227,6 +248,24 @@ def _sigterm_as_interrupt():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _parallel(a: argparse.Namespace):
+    """(ParallelTraining or None, log function): with --expert-parallel, join torchrun's
+    process group and build the DP x EP groups; ranks other than 0 log nothing."""
+    if a.expert_parallel is None:
+        return None, print
+    from smoe.parallel.launch import is_torchrun, setup
+    from smoe.train.parallel import ParallelTraining
+
+    if not is_torchrun():
+        raise CLIError("--expert-parallel needs torchrun: torchrun --nproc_per_node P -m smoe "
+                       "train ... --expert-parallel D (D divides P)")
+    try:
+        parallel = ParallelTraining(setup(a.expert_parallel))
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    return parallel, (print if parallel.is_writer else (lambda *args, **kw: None))
 
 
 REGISTER = (register_train,)

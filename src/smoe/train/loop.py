@@ -276,11 +276,17 @@ class Trainer:
         return row
 
     # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                          dict[str, Any]]:
+        """(model tensors, optimizer tensors, optimizer metadata) to save; a distributed
+        trainer returns the consolidated single-process tensors here."""
+        return (self.model.state_dict(), *optimizer_state_to_tensors(self.optimizer))
+
     def save_checkpoint(self, run_dir: str | Path | None = None) -> Path:
         run_dir = Path(run_dir) if run_dir is not None else self.run_dir
         if run_dir is None:
             raise ValueError("save_checkpoint needs a run_dir")
-        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer)
+        model_tensors, opt_tensors, opt_meta = self.checkpoint_tensors()
         mcfg = getattr(self.model, "config", None)
         state = {
             "step": self.step,
@@ -298,7 +304,7 @@ class Trainer:
                                            if self.cfg.resume_anchor is not None else None)},
             **self.checkpoint_extra,
         }
-        folder = ckpt.save_checkpoint(run_dir, self.model.state_dict(), opt_tensors, state,
+        folder = ckpt.save_checkpoint(run_dir, model_tensors, opt_tensors, state,
                                       keep=self.cfg.keep_checkpoints)
         self.saved_step = self.step
         if self.on_checkpoint is not None:

@@ -18,6 +18,7 @@ another run's model config, latest weights and tokenizer: a trained run, or a fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
@@ -170,8 +171,12 @@ def _seed_all(seed: int) -> None:
 
 def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress: bool,
          device: torch.device | str, log, init_weights: Path | None = None,
-         commit_config: dict[str, Any] | None = None) -> RunResult:
+         commit_config: dict[str, Any] | None = None, parallel=None) -> RunResult:
+    """``parallel``: a :class:`smoe.train.parallel.ParallelTraining` under torchrun (it shards
+    the model and makes the trainer; only its writer rank writes the run folder)."""
     from smoe.data import Batcher, val_batches
+
+    writer = parallel is None or parallel.is_writer
 
     train_cfg = TrainConfig.from_dict(run_cfg["train"])
     model_cfg = ModelConfig.from_dict(run_cfg["model"])
@@ -190,15 +195,21 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
         init_weights = None  # the run's own checkpoint has the weights
     if init_weights is not None:
         model.load_state_dict(load_model_weights(init_weights, device), strict=True)
-    trainer = Trainer(model, train_cfg, batcher, val, val_bytes_per_token=bpt,
-                      domain_names=data.val.domain_names, run_dir=run_dir, progress=progress)
+    make_trainer = Trainer
+    if parallel is not None:
+        model = parallel.shard(model)
+        make_trainer = parallel.trainer
+    trainer = make_trainer(model, train_cfg, batcher, val, val_bytes_per_token=bpt,
+                           domain_names=data.val.domain_names, run_dir=run_dir,
+                           progress=progress)
     if folder is not None:
         trainer.load_checkpoint(folder)
         log(f"resuming {run_dir} from step {trainer.step} ({folder.name})")
     elif resume:
         log(f"{run_dir} has no checkpoint yet: starting it from step 0")
     # A run initialized from another starts with a step-0 evaluation, logged again below.
-    truncate_metrics(run_dir, -1 if init_weights is not None else trainer.step)
+    if writer:
+        truncate_metrics(run_dir, -1 if init_weights is not None else trainer.step)
     n = model.num_params()
     active = model.num_active_params()
     name = run_cfg.get("preset") or "?"
@@ -212,17 +223,20 @@ def _run(run_dir: Path, run_cfg: dict[str, Any], data, *, resume: bool, progress
         log(f"{run_dir} is already at step {trainer.step} of {train_cfg.steps}: nothing to do")
         return RunResult(run_dir, trainer.step, 0.0, None, model, data.tokenizer)
     start = trainer.elapsed_s
-    trainer.print_log = not progress
+    trainer.print_log = not progress and writer
     if commit_config is not None:  # a resumed run's changed settings: written with its
         def commit(folder: Path) -> None:   # first checkpoint, so a failed resume changes nothing
             _write_json(run_dir / RUN_CONFIG, commit_config)
             trainer.on_checkpoint = None
         trainer.on_checkpoint = commit
-    with stop_on_signals(trainer), \
-            MetricsLogger(run_dir, purge_step=trainer.step or None) as logger:
+    metrics = (MetricsLogger(run_dir, purge_step=trainer.step or None) if writer
+               else contextlib.nullcontext())
+    with stop_on_signals(trainer), metrics as logger:
         trainer.logger = logger
         if init_weights is not None and trainer.val:  # where the new run starts from
-            logger.log(trainer.evaluate())
+            ev = trainer.evaluate()  # every rank: the forward is distributed
+            if logger is not None:
+                logger.log(ev)
         last_eval = trainer.fit()
     return RunResult(run_dir, trainer.step, trainer.elapsed_s - start, last_eval, model,
                      data.tokenizer)
@@ -324,7 +338,7 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
               extra: dict[str, Any] | None = None,
               init_from: str | Path | None = None,
               model_overrides: dict[str, dict[str, Any]] | None = None,
-              allow_noncausal_router: bool = False) -> RunResult:
+              allow_noncausal_router: bool = False, parallel=None) -> RunResult:
     """Train a new run into ``run_dir`` (missing or empty; with ``replace=True`` an earlier
     smoe run there, finished or from a failed start, is deleted first, once every input has
     been checked). ``model_overrides``: ModelConfig/MoEConfig fields over the preset's (see
@@ -356,7 +370,9 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
         src = _init_source(init_from)
     else:
         preset = preset if preset is not None else "tiny-moe"
-    _check_fresh_dir(run_dir, replace)
+    writer = parallel is None or parallel.is_writer  # under torchrun: rank 0 alone writes
+    if writer:
+        _check_fresh_dir(run_dir, replace)
     tokenizer = None
     if src is not None:
         kind = src.tokenizer.kind if src.tokenizer is not None else "byte"
@@ -393,9 +409,10 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
         if len(stream) < train.seq_len + 1:
             raise ValueError(f"the {name} split has {len(stream)} tokens, fewer than seq_len + 1 "
                              f"= {train.seq_len + 1}: give more data or a smaller --seq-len")
-    if replace and run_dir.exists() and any(run_dir.iterdir()):
+    if writer and replace and run_dir.exists() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)  # _check_fresh_dir made sure it is an smoe run
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = {"format": RUN_FORMAT, "version": 1, "preset": preset, "router": router,
                "model": model_cfg.to_dict(), "train": train.to_dict(),
                "data": data_cfg.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -407,15 +424,17 @@ def start_run(run_dir: str | Path, train: TrainConfig, *, preset: str | None = N
                                 **({"imported_from": src.config["imported_from"]}
                                    if "imported_from" in src.config else {})}
     # config.json first: a folder it is in is an smoe run, which --overwrite may replace.
-    _write_json(run_dir / RUN_CONFIG, run_cfg)
-    prepared.tokenizer.save(run_dir)
+    if writer:
+        _write_json(run_dir / RUN_CONFIG, run_cfg)
+        prepared.tokenizer.save(run_dir)
     return _run(run_dir, run_cfg, prepared, resume=False, progress=progress, device=device,
-                log=log, init_weights=src.weights if src is not None else None)
+                log=log, init_weights=src.weights if src is not None else None,
+                parallel=parallel)
 
 
 def resume_run(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
                expect: dict[str, Any] | None = None, progress: bool = True,
-               device: torch.device | str = "cpu", log=print) -> RunResult:
+               device: torch.device | str = "cpu", log=print, parallel=None) -> RunResult:
     """Continue the run in ``run_dir`` from its checkpoint, exactly as if never stopped.
 
     ``changes``: TrainConfig fields to change; only :data:`RESUMABLE_CHANGES` may differ from
@@ -463,7 +482,7 @@ def resume_run(run_dir: str | Path, changes: dict[str, Any] | None = None, *,
         # stopped before its first checkpoint: start again from the source's weights
         init_weights = _init_source(run_cfg["init_from"]["path"]).weights
     return _run(run_dir, run_cfg, prepared, resume=True, progress=progress, device=device,
-                log=log, init_weights=init_weights, commit_config=commit)
+                log=log, init_weights=init_weights, commit_config=commit, parallel=parallel)
 
 
 def _abs(path: str | Path) -> str:
