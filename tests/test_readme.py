@@ -74,7 +74,8 @@ def _cheap_bash_lines() -> list[str]:
     for _, body, _ in _blocks("bash"):
         for raw in body.splitlines():
             command = raw.split("#")[0].strip()
-            if command.startswith(("smoe route", "smoe --help", "smoe train --help")):
+            if command.startswith(("smoe route", "smoe --help", "smoe train --help",
+                                   "smoe plan mixtral", "smoe plan deepseek")):
                 lines.append(command)
     return lines
 
