@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from smoe.data import DataConfig
     from smoe.monitor import plot_expert_load
     from smoe.train import TrainConfig, start_run
-    from smoe.train.report import format_domain_routing, format_eval
+    from smoe.evaluation import format_eval
+    from smoe.monitor.report import format_domain_routing
     from smoe.runs import LoadedRun, generate_text, read_run_config
 
     out = Path(args.out)

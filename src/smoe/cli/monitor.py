@@ -10,11 +10,8 @@ __all__ = ["register_monitor"]
 
 def _load_run_and_val(run_dir: str, batches: int, device: str):
     """(model, validation batches in stream order) of a run; the one place this command
-    touches run loading (``smoe.runs`` once it exists, else the trainer's loader)."""
-    try:
-        from smoe.runs import load_run  # type: ignore[attr-defined]
-    except ImportError:
-        from smoe.train.run import load_run
+    touches run loading."""
+    from smoe.runs import load_run
     from smoe.data import DataConfig, prepare_data, val_batches
 
     run = load_run(run_dir, device=device)

@@ -161,8 +161,8 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval(a: argparse.Namespace) -> int:
     device = apply_runtime(a)
-    from smoe.train import eval_run
-    from smoe.train.report import format_domain_routing, format_eval
+    from smoe.evaluation import eval_run, format_eval
+    from smoe.monitor.report import format_domain_routing
 
     row = eval_run(a.run_dir, a.eval_batches, device=device, dtype=a.dtype)
     print(format_eval(row))

@@ -29,12 +29,8 @@ class ServedModel:
 
 
 def _load_run(run_dir: Path, device: str):
-    """The one place ``serve`` reads a run folder (``smoe.runs`` once it exists, else the
-    trainer's loader)."""
-    try:
-        from smoe.runs import load_run  # type: ignore[attr-defined]
-    except ImportError:
-        from smoe.train.run import load_run
+    """The one place ``serve`` reads a run folder."""
+    from smoe.runs import load_run
     return load_run(run_dir, device=device)
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smoe.train import checkpoint as ckpt
 from smoe.train.config import TrainConfig
+from smoe.evaluation import round_nested, evaluate_model
 from smoe.train.metrics import MetricsLogger, load_fractions, load_imbalance
 from smoe.train.optim import (build_optimizer, lr_at, optimizer_state_from_tensors,
                               optimizer_state_to_tensors, set_lr)
@@ -83,81 +83,6 @@ def _log_line(row: dict[str, Any], steps: int) -> str:
     if row.get("tokens_per_s"):
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
     return "  ".join(parts)
-
-
-def _round(values: list, digits: int = 6) -> list:
-    return [_round(v, digits) if isinstance(v, list) else round(v, digits) for v in values]
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, val: Sequence, *,
-                   val_bytes_per_token: dict[str | None, float] | None = None,
-                   domain_names: Sequence[str] = (), bf16: bool = False) -> dict[str, Any]:
-    """Validation loss, bits per byte (overall and per domain), expert loads, and the
-    per-domain routing counts ``domain_routing[domain][layer][expert]``: assignments of
-    that domain's tokens to that expert (the router's choice, before any capacity drop)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    bpt = dict(val_bytes_per_token or {})
-    domain_names = tuple(domain_names)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
-    nd = max(len(domain_names), 1)
-    loss_sum, n_tok = 0.0, 0
-    loss_D = torch.zeros(nd, dtype=torch.float64)
-    tok_D = torch.zeros(nd, dtype=torch.float64)
-    counts_LE = routing_LDE = None
-    try:
-        for batch in val:
-            x_BT, y_BT = batch[0].to(device), batch[1].to(device)
-            dom_T = batch[2].reshape(-1).to(device).long()
-            with autocast:
-                out = model(x_BT)
-            V = out.logits.shape[-1]
-            ce_T = F.cross_entropy(out.logits.float().reshape(-1, V), y_BT.reshape(-1),
-                                   reduction="none")
-            loss_sum += float(ce_T.double().sum())
-            n_tok += ce_T.numel()
-            loss_D += torch.bincount(dom_T, weights=ce_T.double(), minlength=nd).cpu()[:nd]
-            tok_D += torch.bincount(dom_T, minlength=nd).double().cpu()[:nd]
-            if not out.moe_infos:
-                continue
-            c = torch.stack([i.tokens_per_expert for i in out.moe_infos]).cpu()
-            counts_LE = c if counts_LE is None else counts_LE + c
-            E = c.shape[1]
-            r = torch.zeros(len(out.moe_infos), nd, E, dtype=torch.long)
-            for li, info in enumerate(out.moe_infos):
-                if info.expert_indices is None:  # expert choice: no per-token choice
-                    continue
-                flat = (dom_T[:, None] * E + info.expert_indices).reshape(-1)
-                r[li] = torch.bincount(flat, minlength=nd * E).cpu()[: nd * E].view(nd, E)
-            routing_LDE = r if routing_LDE is None else routing_LDE + r
-    finally:
-        model.train(was_training)
-    val_loss = loss_sum / max(n_tok, 1)
-    row: dict[str, Any] = {"val_loss": val_loss, "val_tokens": n_tok}
-    if bpt.get(None):
-        row["val_bpb"] = val_loss / math.log(2) / bpt[None]
-    if domain_names:
-        by_loss, by_bpb = {}, {}
-        for d, name in enumerate(domain_names):
-            if tok_D[d] > 0:
-                by_loss[name] = float(loss_D[d] / tok_D[d])
-                if bpt.get(name):
-                    by_bpb[name] = by_loss[name] / math.log(2) / bpt[name]
-        row["val_loss_by_domain"] = by_loss
-        if by_bpb:
-            row["val_bpb_by_domain"] = by_bpb
-    if counts_LE is not None:
-        imb, per_layer = load_imbalance(counts_LE)
-        row.update(val_load_imbalance=imb, val_load_imbalance_per_layer=_round(per_layer, 4),
-                   val_expert_load=_round(load_fractions(counts_LE), 5),
-                   moe_layers=[i for i, _ in model.moe_layers()])
-        if domain_names and routing_LDE is not None:
-            row["domain_routing"] = {name: routing_LDE[:, d].tolist()
-                                     for d, name in enumerate(domain_names)}
-    return row
 
 
 class Trainer:
@@ -258,8 +183,8 @@ class Trainer:
                                "z_loss": z, "grad_norm": grad_norm, "tokens": self.tokens_seen}
         if counts_LE is not None:
             imb, per_layer = load_imbalance(counts_LE)
-            row.update(load_imbalance=imb, load_imbalance_per_layer=_round(per_layer, 4),
-                       expert_load=_round(load_fractions(counts_LE), 5),
+            row.update(load_imbalance=imb, load_imbalance_per_layer=round_nested(per_layer, 4),
+                       expert_load=round_nested(load_fractions(counts_LE), 5),
                        moe_layers=self.moe_layer_ids, dropped_tokens=dropped)
         return row
 

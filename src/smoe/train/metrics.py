@@ -15,29 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from smoe._io import atomic_write_text
-from smoe.monitor import stats
+from smoe.evaluation import load_fractions, load_imbalance  # noqa: F401 (re-exported)
 
 __all__ = ["METRICS_FILE", "TB_DIR", "MetricsLogger", "load_fractions", "load_imbalance",
            "read_metrics", "truncate_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-
-
-def load_fractions(tokens_per_expert_LE: torch.Tensor) -> list[list[float]]:
-    """Share of each layer's routed assignments that each expert took, (L, E) as lists
-    (:func:`smoe.monitor.stats.shares`)."""
-    return stats.shares(tokens_per_expert_LE).tolist()
-
-
-def load_imbalance(tokens_per_expert_LE: torch.Tensor) -> tuple[float, list[float]]:
-    """(mean over layers, per layer) of max/mean tokens per expert; 0 for a layer with none
-    (:func:`smoe.monitor.stats.max_over_mean`)."""
-    per_layer = stats.max_over_mean(tokens_per_expert_LE).tolist()
-    return (sum(per_layer) / len(per_layer) if per_layer else 0.0), per_layer
 
 
 def _clean(v: Any) -> Any:

@@ -36,7 +36,8 @@ from smoe.config import ModelConfig, preset as get_preset
 from smoe.runs import (RUN_CONFIG, RUN_FORMAT, LoadedRun, generate_text, is_smoe_run,  # noqa: F401
                        latest_checkpoint, load_run, read_run_config)
 from smoe.train.config import TrainConfig
-from smoe.train.loop import Trainer, evaluate_model, stop_on_signals
+from smoe.evaluation import eval_run  # noqa: F401 (re-exported)
+from smoe.train.loop import Trainer, stop_on_signals
 from smoe.train.metrics import MetricsLogger, truncate_metrics
 from smoe.train.optim import rescheduled
 
@@ -495,29 +496,3 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b
 
 
-# -- using a trained run ------------------------------------------------------------------
-def eval_run(run_dir: str | Path, eval_batches: int | None = None,
-             device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
-             ) -> dict[str, Any]:
-    """Evaluate a run's latest checkpoint on its validation split (the run's eval settings,
-    or ``eval_batches`` batches)."""
-    from smoe.data import DataConfig, prepare_data, val_batches
-
-    run = load_run(run_dir, device, dtype)
-    if "train" in run.config:
-        train = TrainConfig.from_dict(run.config["train"])
-    else:  # an imported model: default settings, the default corpus
-        train = TrainConfig(seq_len=min(256, run.model.config.max_seq_len))
-    data_cfg = run.config.get("data") or {"tokenizer": run.tokenizer.kind}
-    data = prepare_data(DataConfig(**data_cfg), run_dir=run.run_dir)
-    n = eval_batches if eval_batches is not None else train.eval_batches
-    val = val_batches(data.val, train.micro_batch_size, train.seq_len,
-                      max_batches=n * train.grad_accum)
-    bpt: dict[str | None, float] = {None: data.val.bytes_per_token()}
-    for name in data.val.domain_names:
-        if data.val.num_tokens(name):
-            bpt[name] = data.val.bytes_per_token(name)
-    row = evaluate_model(run.model, val, val_bytes_per_token=bpt,
-                         domain_names=data.val.domain_names, bf16=train.bf16)
-    row["step"] = run.step
-    return row
