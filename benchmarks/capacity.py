@@ -181,7 +181,7 @@ def run_phases(args: argparse.Namespace) -> None:
         while todo or running:
             while todo and len(running) < args.jobs:
                 spec = todo.pop(0)
-                log = run_dir(spec.name).with_suffix(".log")
+                log = Path(f"{run_dir(spec.name)}.log")
                 log.parent.mkdir(parents=True, exist_ok=True)
                 env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
                 if tcmalloc:  # the allocator the smoe launcher uses (see smoe.launch)
