@@ -225,7 +225,7 @@ def arm1_table(analysis: dict) -> tuple[list[str], dict]:
             continue
         reach = []
         for k, s in marks.items():
-            st = steps_to_reach(r["curve"], targets[k])
+            st = None if targets[k] is None else steps_to_reach(r["curve"], targets[k])
             reach.append("-" if st is None else f"{st:.0f} ({st / s:.2f}x)")
             ratios[(p, k)] = None if st is None else st / s
         ev = analysis.get("models", {}).get(p, {})
@@ -309,7 +309,7 @@ def analysis_lines(a: dict) -> list[str]:
               "scores on this sample):", ""]
     for p, ev in a["models"].items():
         if ev.get("mi_bits"):
-            lines.append(f"- {p}: " + ", ".join(f"layer {i}: {m:.3f} (shuffled {s:.4f})" for i, (
+            lines.append(f"- {p}: " + ", ".join(f"layer {i}: {m:.3f} (shuffled {s:.5f})" for i, (
                 m, s) in enumerate(zip(ev["mi_bits"], ev["mi_shuffled_bits"]))))
     ko = a.get("knockout")
     if ko:
