@@ -1,247 +1,237 @@
-"""The capacity-versus-compute experiment: does tiny-moe beat tiny-dense at equal compute?
+"""The capacity-versus-compute experiment: does an SMoE model reach its dense twin's quality in
+fewer steps when the dense model is capacity-limited?
 
-Trains, on the same data, steps and seed:
-  tiny-dense       dense FFN of width K*f        (same active parameters as tiny-moe)
-  tiny-moe         8 experts, top-2, aux loss    (the claim under test)
-  tiny-dense-wide  dense FFN of width N*f        (same total parameters as tiny-moe)
-and two balancing variants of tiny-moe:
-  tiny-moe/none    no load balancing at all (aux loss coefficient 0)
-  tiny-moe/bias    DeepSeek-V3 auxiliary-loss-free bias balancing (router sigmoid_bias, aux 0)
+Models (presets in smoe.config; byte tokens, the default two-domain corpus):
+  micro-dense       hidden 64, 4 layers, FFN 256                 (the baseline)
+  micro-moe         8 experts x 128, top-2: same active FFN      (4x the FFN parameters)
+  micro-moe32       32 experts x 128, top-2: same active FFN     (16x; the headline)
+  micro-dense-wide  FFN 1024: micro-moe's total at 4x its compute (is capacity the limit?)
 
-Writes benchmarks/out/capacity/curves.json, a PNG of validation loss against step, training
-FLOPs and wall time, and (with --write) a table in BENCHMARKS.md between markers. Also reports,
-per layer, which experts prose and code tokens go to, scored by the mutual information between
-the token's domain and its chosen experts (bits; 1.0 = the expert reveals the domain).
+Phases (each run is a subprocess writing OUT/<run>/result.json; finished runs are skipped, so an
+interrupted experiment resumes where it stopped):
+  lr        a short learning-rate check: two rates, dense and MoE, constant schedule;
+            the better rate of each family is used below
+  arm1      curves: every model with a constant learning rate after warm-up, full length
+  arm2      the goal tested literally: each model with its own full cosine schedule; dense at
+            the full length, the MoE models at 0.6x (and micro-moe at 0.75x); two seeds
+  balance   micro-moe without balancing and with DeepSeek-V3 bias balancing (aux is arm1's)
 
-    python benchmarks/capacity.py --steps 1000 --write
+    python benchmarks/capacity.py --jobs 2            # all phases, then the report
+    python benchmarks/capacity.py --report --write    # tables and plots into BENCHMARKS.md
+
+The report (benchmarks/capacity_report.py) adds a whole-validation-split evaluation (bits per
+byte, next-byte accuracy, per domain), expert specialisation against a shuffled-label baseline,
+one-expert knock-outs, load balance and samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out" / "capacity"
+OUT = Path(os.environ.get("SMOE_CAPACITY_OUT", ROOT / "benchmarks" / "out" / "capacity"))
 
-VARIANTS = {
-    # name: (preset, router override, TrainConfig overrides)
-    "tiny-dense": ("tiny-dense", None, {}),
-    "tiny-moe": ("tiny-moe", None, {}),
-    "tiny-dense-wide": ("tiny-dense-wide", None, {}),
-    "tiny-moe/none": ("tiny-moe", None, {"aux_loss_coef": 0.0}),
-    "tiny-moe/bias": ("tiny-moe", "sigmoid_bias", {"aux_loss_coef": 0.0, "bias_update": True}),
-}
+DENSE, MOE, MOE32, WIDE = "micro-dense", "micro-moe", "micro-moe32", "micro-dense-wide"
+#: The two rates of the learning-rate check (the trainer's default and ~3x it).
+LR_CANDIDATES = (3e-3, 1e-2)
 
 
-def mutual_information_bits(counts_DE: list[list[float]]) -> float:
-    """I(domain; expert) in bits from a [domains][experts] table of routing counts."""
-    total = sum(sum(row) for row in counts_DE)
-    if total == 0:
-        return 0.0
-    p_d = [sum(row) / total for row in counts_DE]
-    p_e = [sum(row[e] for row in counts_DE) / total for e in range(len(counts_DE[0]))]
-    mi = 0.0
-    for d, row in enumerate(counts_DE):
-        for e, c in enumerate(row):
-            if c:
-                p = c / total
-                mi += p * math.log2(p / (p_d[d] * p_e[e]))
-    return mi
+@dataclass
+class Spec:
+    """One training run: preset, schedule, length (a fraction of --steps) and seed."""
+
+    name: str
+    phase: str
+    preset: str
+    schedule: str = "constant"        # "constant" after warm-up, or "cosine" to the run's end
+    fraction: float = 1.0             # of --steps (or --lr-steps in the lr phase)
+    seed: int = 0
+    lr: float | None = None           # None: the rate the lr phase chose for this family
+    router: str | None = None
+    overrides: dict = field(default_factory=dict)
 
 
-def train_variant(name: str, steps: int, batch: int, seq: int, eval_every: int,
-                  seed: int) -> dict:
+def family(preset: str) -> str:
+    return "moe" if "moe" in preset else "dense"
+
+
+def specs() -> list[Spec]:
+    out = [Spec(f"lr/{p}/{lr:g}", "lr", p, lr=lr) for p in (DENSE, MOE32) for lr in LR_CANDIDATES]
+    out += [Spec(f"arm1/{p}", "arm1", p) for p in (DENSE, MOE, MOE32)]
+    # The wide control costs 4x a step: a third of the run answers "is capacity the limit?".
+    out.append(Spec(f"arm1/{WIDE}", "arm1", WIDE, fraction=1 / 3))
+    for seed in (0, 1):
+        out += [Spec(f"arm2/{DENSE}/s{seed}", "arm2", DENSE, "cosine", 1.0, seed),
+                Spec(f"arm2/{MOE32}@0.6/s{seed}", "arm2", MOE32, "cosine", 0.6, seed),
+                Spec(f"arm2/{MOE}@0.6/s{seed}", "arm2", MOE, "cosine", 0.6, seed)]
+    out.append(Spec(f"arm2/{MOE}@0.75/s0", "arm2", MOE, "cosine", 0.75, 0))
+    # Half-length ablations, compared with arm1's micro-moe (aux loss) at the same steps.
+    out += [Spec(f"balance/{MOE}/none", "balance", MOE, fraction=0.5,
+                 overrides={"aux_loss_coef": 0.0}),
+            Spec(f"balance/{MOE}/bias", "balance", MOE, fraction=0.5, router="sigmoid_bias",
+                 overrides={"aux_loss_coef": 0.0, "bias_update": True})]
+    return out
+
+
+def run_dir(name: str) -> Path:
+    return OUT / name.replace("/", "__").replace("@", "_at_")
+
+
+def read_result(name: str) -> dict | None:
+    path = run_dir(name) / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def chosen_lr(preset: str) -> float:
+    """The better rate of the lr check for this model's family (dense or MoE)."""
+    probe = DENSE if family(preset) == "dense" else MOE32
+    finals = {}
+    for lr in LR_CANDIDATES:
+        r = read_result(f"lr/{probe}/{lr:g}")
+        if r is None:
+            raise RuntimeError(f"the lr phase has not run for {probe} at {lr:g}")
+        finals[lr] = r["final_val_loss"]
+    return min(finals, key=finals.get)
+
+
+def train_one(spec: Spec, args: argparse.Namespace) -> dict:
+    """Train one run in this process and write its result.json (curves, throughput, load)."""
+    import torch
+
     from smoe.train import TrainConfig
     from smoe.train.metrics import read_metrics
     from smoe.train.run import start_run
 
-    preset, router, overrides = VARIANTS[name]
-    run_dir = OUT / name.replace("/", "-")
-    train = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, eval_every=eval_every,
-                        eval_batches=16, checkpoint_every=0, log_every=10, seed=seed,
-                        warmup_steps=max(1, steps // 20), **overrides)
-    result = start_run(run_dir, train, preset=preset, router=router, replace=True,
+    torch.set_num_threads(1)
+    total = args.lr_steps if spec.phase == "lr" else args.steps
+    steps = max(1, round(total * spec.fraction))
+    lr = spec.lr if spec.lr is not None else chosen_lr(spec.preset)
+    # Constant: min_lr == lr makes the cosine flat after warm-up.
+    min_lr = lr if spec.schedule == "constant" else lr / 10
+    eval_every = max(1, args.steps // args.evals)
+    train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr,
+                        min_lr=min_lr, warmup_steps=args.warmup, eval_every=eval_every,
+                        eval_batches=args.eval_batches, checkpoint_every=0, log_every=10,
+                        seed=spec.seed, **spec.overrides)
+    folder = run_dir(spec.name)
+    t0 = time.time()
+    result = start_run(folder, train, preset=spec.preset, router=spec.router, replace=True,
                        progress=False, log=lambda *a: None)
+    wall = time.time() - t0
     model = result.model
-    rows = read_metrics(run_dir)
+    rows = read_metrics(folder)
     train_rows = [r for r in rows if "loss" in r and "val_loss" not in r]
     evals = [r for r in rows if "val_loss" in r]
-    elapsed_at = {r["step"]: r["elapsed_s"] for r in train_rows if "elapsed_s" in r}
-    fpt = model.flops_per_token(seq)
-    tokens_per_step = batch * seq
-    curve = []
-    for r in evals:
-        step = r["step"]
-        near = max((s for s in elapsed_at if s <= step), default=None)
-        curve.append({"step": step, "val_loss": r["val_loss"], "val_bpb": r.get("val_bpb"),
-                      "flops": fpt * tokens_per_step * step,
-                      "wall_s": elapsed_at.get(step, elapsed_at.get(near, 0.0))})
-    tps = [r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s")]
-    imbalance = [r["load_imbalance"] for r in train_rows if "load_imbalance" in r]
-    final = evals[-1]
-    spec = []
-    for layer, _ in enumerate(final.get("moe_layers", [])):
-        routing = final.get("domain_routing")
-        if routing:
-            table = [routing[d][layer] for d in routing]
-            spec.append({"layer": final["moe_layers"][layer],
-                         "mi_bits": mutual_information_bits(table),
-                         "domains": list(routing), "counts": table})
-    return {
-        "name": name, "preset": preset, "router": router, "overrides": overrides,
-        "params_total": model.num_params(),
-        "params_active": model.num_active_params(),
-        "flops_per_token": fpt,
-        "tokens_per_s_median": sorted(tps)[len(tps) // 2] if tps else None,
-        "train_time_s": result.elapsed_s,
-        "curve": curve,
-        "final_val_loss": final["val_loss"], "final_val_bpb": final.get("val_bpb"),
-        "val_loss_by_domain": final.get("val_loss_by_domain"),
+    fpt = model.flops_per_token(args.seq_len)
+    tokens_per_step = args.batch_size * args.seq_len
+    elapsed = {r["step"]: r["elapsed_s"] for r in train_rows if "elapsed_s" in r}
+    curve = [{"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r.get("val_bpb"),
+              "flops": 3 * fpt * tokens_per_step * r["step"],
+              "wall_s": elapsed.get(r["step"], max((v for s, v in elapsed.items()
+                                                    if s <= r["step"]), default=0.0))}
+             for r in evals]
+    tps = sorted(r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s"))
+    tail = [r["loss"] for r in train_rows[-max(1, len(train_rows) // 10):]]
+    out = {
+        "spec": asdict(spec), "steps": steps, "lr": lr, "min_lr": min_lr,
+        "params_total": model.num_params(), "params_active": model.num_active_params(),
+        "flops_per_token_forward": fpt, "tokens_per_step": tokens_per_step,
+        "tokens_per_s_median": tps[len(tps) // 2] if tps else None, "wall_s": wall,
+        "curve": curve, "final_val_loss": evals[-1]["val_loss"],
+        "final_val_bpb": evals[-1].get("val_bpb"),
+        "final_train_loss_tail_mean": sum(tail) / len(tail),
         "load_imbalance_curve": [[r["step"], r["load_imbalance"]] for r in train_rows
                                  if "load_imbalance" in r],
-        "load_imbalance_mean": sum(imbalance) / len(imbalance) if imbalance else None,
-        "load_imbalance_max": max(imbalance) if imbalance else None,
-        "final_val_load_imbalance": final.get("val_load_imbalance"),
-        "specialisation": spec,
+        "final_val_expert_load": evals[-1].get("val_expert_load"),
     }
-
-
-def steps_to_reach(curve: list[dict], target: float) -> int | None:
-    """First evaluated step whose validation loss is <= target (None if never)."""
-    for point in curve:
-        if point["val_loss"] <= target:
-            return point["step"]
-    return None
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for name in ("tiny-dense", "tiny-moe", "tiny-dense-wide", "tiny-moe/none", "tiny-moe/bias"):
-        if name not in results:
-            continue
-        c = results[name]["curve"]
-        style = "--" if "/" in name else "-"
-        for ax, key in zip(axes, ("step", "flops", "wall_s")):
-            ax.plot([p[key] for p in c], [p["val_loss"] for p in c], style, label=name)
-    for ax, label in zip(axes, ("training step", "training FLOPs", "wall time (s)")):
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation loss (nats/byte token)")
-        ax.grid(alpha=0.3)
-    axes[1].set_xscale("log")
-    axes[0].legend()
-    fig.suptitle("capacity vs compute: tiny-moe (8 experts, top-2) beside dense baselines")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    path = folder / "result.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, path)
+    return out
 
 
-def table(results: dict, args, duration_s: float) -> str:
-    dense_final = results["tiny-dense"]["final_val_loss"]
-    moe_steps = steps_to_reach(results["tiny-moe"]["curve"], dense_final)
-    lines = [
-        "Command: `python benchmarks/capacity.py "
-        f"--steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len} "
-        f"--eval-every {args.eval_every} --seed {args.seed} --write` "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{duration_s / 60:.1f} min in all). Same data (default corpus, byte tokens), steps, "
-        "batch and seed for every run.",
-        "",
-        "| run | final val loss | val bpb | steps to tiny-dense's final loss | tokens/s (median) "
-        "| params total | params active/token | load max/mean (train mean) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        reach = steps_to_reach(r["curve"], dense_final)
-        imb = r["load_imbalance_mean"]
-        lines.append(
-            f"| {name} | {r['final_val_loss']:.4f} | {r['final_val_bpb'] or float('nan'):.4f} | "
-            f"{reach if reach is not None else 'not reached'} | "
-            f"{r['tokens_per_s_median'] or 0:,.0f} | {r['params_total']:,} | "
-            f"{r['params_active']:,} | {f'{imb:.3f}' if imb else '-'} |")
-    lines.append("")
-    if moe_steps is not None:
-        ratio = moe_steps / args.steps
-        lines.append(f"tiny-moe reached tiny-dense's final validation loss ({dense_final:.4f}) at "
-                     f"step {moe_steps} of {args.steps}: {ratio:.2f}x its steps "
-                     f"(goal: <= 0.6x; {'met' if ratio <= 0.6 else 'not met'}).")
-    else:
-        lines.append(f"tiny-moe did not reach tiny-dense's final loss {dense_final:.4f}.")
-    moe_tps = results["tiny-moe"]["tokens_per_s_median"]
-    dense_tps = results["tiny-dense"]["tokens_per_s_median"]
-    if moe_tps and dense_tps:
-        lines.append(f"Training throughput tiny-moe / tiny-dense: {moe_tps / dense_tps:.2f}x "
-                     "(goal >= 0.8x).")
-    lines += ["", "Specialisation (final validation pass): mutual information between a token's "
-              "domain (prose / code) and its chosen experts, per MoE layer, in bits (max 1.0):", "",
-              "| run | " + " | ".join(f"layer {s['layer']}" for s in
-                                      results["tiny-moe"]["specialisation"]) + " |",
-              "|---|" + "---|" * len(results["tiny-moe"]["specialisation"])]
-    for name, r in results.items():
-        if r["specialisation"]:
-            lines.append(f"| {name} | " + " | ".join(f"{s['mi_bits']:.3f}"
-                                                      for s in r["specialisation"]) + " |")
-    return "\n".join(lines)
+def _worker_command(spec: Spec, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, __file__, "--run-one", spec.name, "--steps", str(args.steps),
+            "--lr-steps", str(args.lr_steps), "--batch-size", str(args.batch_size),
+            "--seq-len", str(args.seq_len), "--evals", str(args.evals),
+            "--eval-batches", str(args.eval_batches), "--warmup", str(args.warmup)]
 
 
-def write_section(text: str, start: str, end: str) -> None:
-    from smoe.bench import write_section as write
+def run_phases(args: argparse.Namespace) -> None:
+    """Run every unfinished run of the chosen phases, ``--jobs`` at a time. The lr phase runs
+    first (the others read its choice); within a phase the longest runs start first."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from smoe.launch import find_tcmalloc
 
-    write(ROOT / "BENCHMARKS.md", text, start, end)
+    tcmalloc = find_tcmalloc()
+    cost = {DENSE: 1.0, MOE: 1.2, MOE32: 1.25, WIDE: 4.2}  # measured step-time ratios here
+    for phases in (["lr"], [p for p in args.phases if p != "lr"]):
+        todo = [s for s in specs() if s.phase in phases and s.phase in args.phases
+                and read_result(s.name) is None]
+        todo.sort(key=lambda s: -cost[s.preset] * s.fraction)
+        running: list[tuple[Spec, subprocess.Popen, float]] = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                spec = todo.pop(0)
+                log = Path(f"{run_dir(spec.name)}.log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+                if tcmalloc:  # the allocator the smoe launcher uses (see smoe.launch)
+                    env["LD_PRELOAD"] = tcmalloc
+                proc = subprocess.Popen(_worker_command(spec, args), stdout=log.open("w"),
+                                        stderr=subprocess.STDOUT, env=env)
+                running.append((spec, proc, time.time()))
+                print(f"started {spec.name} (pid {proc.pid})", flush=True)
+            time.sleep(5)
+            for item in list(running):
+                spec, proc, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                r = read_result(spec.name)
+                status = (f"final val loss {r['final_val_loss']:.4f}" if r and proc.returncode == 0
+                          else f"FAILED (exit {proc.returncode}; see {run_dir(spec.name)}.log)")
+                print(f"{spec.name}: {status} after {time.time() - t0:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
-    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    p.add_argument("--steps", type=int, default=1500, help="full run length (updates)")
+    p.add_argument("--lr-steps", type=int, default=200, help="length of the lr-check runs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--evals", type=int, default=30, help="evaluations over a full-length run")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--phases", nargs="*", default=["lr", "arm1", "arm2", "balance"])
+    p.add_argument("--report", action="store_true", help="only build the report")
+    p.add_argument("--write", action="store_true", help="write the report into BENCHMARKS.md")
+    p.add_argument("--no-report", action="store_true", help="train only")
+    p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from smoe.launch import reexec_with_tcmalloc
-
-    reexec_with_tcmalloc()
-    import torch
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.run_one is not None:
+        spec = next(s for s in specs() if s.name == args.run_one)
+        r = train_one(spec, args)
+        print(json.dumps({k: r[k] for k in ("final_val_loss", "wall_s")}))
+        return 0
     OUT.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(VARIANTS)
-    results, t0 = {}, time.time()
-    for name in names:
-        t = time.time()
-        results[name] = train_variant(name, args.steps, args.batch_size, args.seq_len,
-                                      args.eval_every, args.seed)
-        print(f"{name}: final val loss {results[name]['final_val_loss']:.4f} "
-              f"({time.time() - t:.0f} s)", flush=True)
-    duration = time.time() - t0
-    curves = OUT / "curves.json"
-    tmp = curves.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    os.replace(tmp, curves)
-    plot(results, OUT / "capacity.png")
-    if all(n in results for n in ("tiny-dense", "tiny-moe")):
-        text = table(results, args, duration)
-        print(text)
-        if args.write:
-            write_section(text + "\n\n![capacity](benchmarks/capacity.png)",
-                          "<!-- capacity:start -->", "<!-- capacity:end -->")
-            import shutil
+    if not args.report:
+        run_phases(args)
+    if args.no_report:
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from capacity_report import build_report
 
-            shutil.copyfile(OUT / "capacity.png", ROOT / "benchmarks" / "capacity.png")
+    build_report(args, write=args.write)
     return 0
 
 

@@ -449,12 +449,18 @@ def _family(kind: str, *, hidden: int, layers: int, heads: int, kv_heads: int, e
 _TINY = dict(hidden=128, layers=4, heads=4, kv_heads=2, expert=256, experts=8, top_k=2, seq=256)
 _SMALL = dict(hidden=256, layers=6, heads=4, kv_heads=2, expert=384, experts=8, top_k=2, seq=512)
 
+# The capacity experiment's models (benchmarks/capacity.py): small enough that ~15M training
+# tokens put the dense baseline far past its data-limited regime, so extra capacity can show.
+_MICRO = dict(hidden=64, layers=4, heads=4, kv_heads=2, expert=128, experts=8, top_k=2, seq=128)
+
 #: name -> function returning a fresh :class:`ModelConfig`.
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     f"{size}-{kind}": functools.partial(_family, kind, **dims)
-    for size, dims in (("tiny", _TINY), ("small", _SMALL))
+    for size, dims in (("tiny", _TINY), ("small", _SMALL), ("micro", _MICRO))
     for kind in ("moe", "dense", "dense-wide")
 }
+#: 32 experts of the same size and top-2: the same active compute as micro-moe, 4x its experts.
+PRESETS["micro-moe32"] = functools.partial(_family, "moe", **dict(_MICRO, experts=32))
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
