@@ -433,22 +433,10 @@ def offload(model: nn.Module, budget: float = 0.5, policy: str = "predict",
 
 
 def write_stats_json(path: str | Path, stats: dict[str, Any]) -> Path:
-    """Write ``stats`` as JSON atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``stats`` as JSON atomically (:func:`smoe._io.atomic_write_json`)."""
+    from smoe._io import atomic_write_json
+
+    return atomic_write_json(path, stats)
 
 
 # -- offline policies on a recorded trace -------------------------------------------------------

@@ -243,6 +243,11 @@ class Trainer:
         optimizer_state_from_tensors(self.optimizer,
                                      ckpt.load_optimizer_state(folder, self.device),
                                      state["optimizer"])
+        return self.restore_progress(state)
+
+    def restore_progress(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Data position, RNG and counters from a checkpoint's state (after the weights and the
+        optimizer; shared with the expert-parallel trainer)."""
         self.batcher.load_state_dict(state["batcher"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])

@@ -209,10 +209,4 @@ class ExpertParallelTrainer(Trainer):
                 t = t.index_select(0, lay.slots.to(t.device))
             local[key] = t
         optimizer_state_from_tensors(self.optimizer, local, state["optimizer"])
-        self.batcher.load_state_dict(state["batcher"])
-        ckpt.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.elapsed_s = float(state.get("elapsed_s", 0.0))
-        self.saved_step = self.step
-        return state
+        return self.restore_progress(state)
