@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "smoe.cli.bench",
     "smoe.cli.monitor",
     "smoe.cli.serve",
+    "smoe.cli.hybrid",
 )
 
 
