@@ -158,18 +158,28 @@ def test_domain_routing_server(runs, classifier_file):
                     "--domain-classifier", str(classifier_file), "--max-tokens", "16")
     try:
         client = server.wait_ready().client()
-        assert sorted(m.id for m in client.models.list().data) == ["tiny-dense", "tiny-moe"]
-        code = client.completions.create(prompt=CODE, max_tokens=6, temperature=0)
-        prose = client.completions.create(prompt=PROSE, max_tokens=6, temperature=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-moe", "tiny-dense", "auto"]
+        code = client.completions.create(model="auto", prompt=CODE, max_tokens=6,
+                                         temperature=0)
+        prose = client.completions.create(model="auto", prompt=PROSE, max_tokens=6,
+                                          temperature=0)
         assert (code.model, prose.model) == ("tiny-moe", "tiny-dense")
         named = client.completions.create(model="tiny-dense", prompt=CODE, max_tokens=4,
                                           temperature=0)
         assert named.model == "tiny-dense"
-        stream = client.completions.create(prompt=CODE, max_tokens=4, temperature=0,
-                                           stream=True)
+        stream = client.completions.create(model="auto", prompt=CODE, max_tokens=4,
+                                           temperature=0, stream=True)
         assert {c.model for c in stream} == {"tiny-moe"}
+        import httpx  # raw HTTP may leave the model out: routed too
+
+        raw = httpx.post(server.url + "/v1/completions", json={"prompt": PROSE,
+                                                              "max_tokens": 3}, timeout=60)
+        assert raw.status_code == 200 and raw.json()["model"] == "tiny-dense"
+        unknown = httpx.post(server.url + "/v1/completions", json={"model": "gpt-4",
+                                                                  "prompt": "x"}, timeout=60)
+        assert unknown.status_code == 404 and "'auto'" in unknown.json()["error"]["message"]
         counts = _decisions(server)
-        assert counts[("domain", "smoe")] == 2 and counts[("domain", "dense")] == 1
+        assert counts[("domain", "smoe")] == 2 and counts[("domain", "dense")] == 2
         assert counts[("explicit", "dense")] == 1 and counts[("cascade", "smoe")] == 0
         assert len(counts) == 8  # 4 policies x 2 targets, bounded
     finally:
@@ -202,13 +212,14 @@ def test_cascade_server_escalates_the_unsure_answer(runs):
                     "cascade", "--cascade-threshold", f"{threshold:.6f}")
     try:
         client = server.wait_ready().client()
-        got = [client.completions.create(prompt=p, max_tokens=8, temperature=0).model
+        got = [client.completions.create(model="auto", prompt=p, max_tokens=8,
+                                         temperature=0).model
                for p in prompts]
         assert got == ["tiny-moe" if s < threshold else "tiny-dense" for s in scores]
-        chat_like = client.completions.create(prompt=prompts[scores.index(max(scores))],
+        kept = client.completions.create(model="auto", prompt=prompts[scores.index(max(scores))],
                                               max_tokens=8, temperature=0, stream=True,
                                               stream_options={"include_usage": True})
-        chunks = list(chat_like)
+        chunks = list(kept)
         assert chunks[-1].usage.completion_tokens >= 1 and chunks[0].model == "tiny-dense"
         counts = _decisions(server)
         assert counts[("cascade", "smoe")] == 1 and counts[("cascade", "dense")] == 2

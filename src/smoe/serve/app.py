@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from smoe.inference.engine import SamplingParams
 from smoe.serve import openai as oa
+from smoe.serve.hybrid import ROUTED_MODEL
 from smoe.serve.server import ServerState
 from smoe.serve.worker import Draining, QueueFull
 
@@ -95,7 +96,8 @@ def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        names = [served.name] + ([hybrid.dense.served.name] if hybrid is not None else [])
+        names = [served.name] + ([hybrid.dense.served.name, ROUTED_MODEL]
+                                 if hybrid is not None else [])
         return {"object": "list", "data": [{"id": n, "object": "model",
                                             "created": int(state.started),
                                             "owned_by": "smoe"} for n in names]}
@@ -120,7 +122,8 @@ def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
 
     # -- generation ------------------------------------------------------------------------
     def _check_model(name: str | None) -> None:
-        known = [served.name] + ([hybrid.dense.served.name] if hybrid is not None else [])
+        known = [served.name] + ([hybrid.dense.served.name, ROUTED_MODEL]
+                                 if hybrid is not None else [])
         if name is not None and name not in known:
             raise oa.APIError(404, f"model {name!r} does not exist; this server serves "
                               f"{' and '.join(map(repr, known))}", param="model",
@@ -339,7 +342,7 @@ async def _hybrid_route(hybrid: Any, state: ServerState, req: oa._Common, ids: l
     def ids_for(st: ServerState) -> list[int]:  # each model reads text with its own tokenizer
         return st.served.encode(text) if text is not None and st is dense else ids
 
-    if req.model is not None:
+    if req.model is not None and req.model != ROUTED_MODEL:
         target = "dense" if req.model == dense.served.name else "smoe"
         decision = Decision(target, "explicit", f"the request named {req.model!r}")
     else:

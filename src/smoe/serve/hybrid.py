@@ -15,7 +15,9 @@ tested without a server:
   generator's own likelihood as the scorer; the dense answer costs one extra pass when it
   escalates.
 
-A request that names one of the two models (``model`` field) goes to it (policy ``explicit``).
+A request that names one of the two models (``model`` field) goes to it (policy ``explicit``);
+one that names :data:`ROUTED_MODEL` (``auto``, listed in ``/v1/models`` beside the two, since
+the OpenAI clients require a model) or none is routed by the policy.
 Every decision is counted by policy and target (:class:`HybridRouter.counter`, a
 prometheus_client counter with bounded labels: 4 policies x 2 targets).
 """
@@ -29,13 +31,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["TARGETS", "POLICIES", "Decision", "HybridConfig", "HybridRouter",
+__all__ = ["TARGETS", "POLICIES", "ROUTED_MODEL", "Decision", "HybridConfig", "HybridRouter",
            "mean_token_logprob"]
 
 #: The two models of a hybrid server.
 TARGETS = ("dense", "smoe")
 #: Routing policies (``explicit``: the request named a model).
 POLICIES = ("length", "domain", "cascade")
+#: The model id that asks a hybrid server to route the request by its policy.
+ROUTED_MODEL = "auto"
 
 
 @dataclass(frozen=True)
