@@ -97,7 +97,8 @@ def main() -> int:
              + f"` on {platform.processor() or platform.machine()},"
              f" {torch.get_num_threads()} threads, torch {torch.__version__}. Median time per "
              "forward over interleaved rounds; the difference is against the same model with no "
-             "monitor attached (differences of a few percent are within this machine's noise). Each "
+             "monitor attached (differences of a few percent are within this machine's noise). "
+             "Each "
              "timed call ends with a read of the counts, so the monitor's batched flush (at most "
              "every 256 layer-forwards in use) is paid every `reps` forwards: an upper bound.",
              "", "| preset | forward | monitor | ms / forward | vs off |", "|---|---|---|---|---|"]

@@ -235,7 +235,8 @@ def main() -> int:
              "is tokens for the byte-level tokenizer of the runs here (the same count for every "
              "server); latencies in ms.", "",
              "| server | clients | requests | tokens/s | TTFT p50 | TTFT p99 | E2E p50 | "
-             "E2E p99 | 429 | other 5xx | mixed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "E2E p99 | 429 | other 5xx | mixed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     candidates = [("smoe, continuous batching (max-batch 64)",
                    lambda: smoe_server(model, tmp, a.threads, "--max-batch", "64",
                                        "--max-queue", "256", "--max-tokens", "512")),

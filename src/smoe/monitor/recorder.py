@@ -14,11 +14,12 @@ Design (after SGLang's expert-distribution recorder, without its module-global s
 hook keeps a reference to the layer's small routing tensors (its choices ``[T, K]`` when
 dropless, else its counts), and every ``flush_every`` layer-forwards, or when anything is read,
 they are added up on the device in one batch (one bincount for all dropless layers): no host
-sync and no tensor op per forward, which keeps a decode step's overhead small. The host learns how many
-tokens went through from the input's shape, and closes a window once ``window_tokens`` tokens
-have passed, at the start of the next forward so that a window always holds whole forwards of
-every layer. Closing a window is the only sync: it copies ``[L, E]`` to the CPU, computes the
-figures of :mod:`smoe.monitor.stats`, the drift against the reference and the alerts.
+sync and no tensor op per forward, which keeps a decode step's overhead small. The host
+learns how many tokens went through from the input's shape, and closes a window once
+``window_tokens`` tokens have passed, at the start of the next forward so that a window always
+holds whole forwards of every layer. Closing a window is the only sync: it copies ``[L, E]``
+to the CPU, computes the figures of :mod:`smoe.monitor.stats`, the drift against the reference
+and the alerts.
 
 Rows that are padding must not reach the layers while recording (the engine never pads);
 wrap warm-up or padded forwards in ``with monitor.paused():``.
