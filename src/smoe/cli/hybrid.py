@@ -46,12 +46,11 @@ def hybrid_config(a: argparse.Namespace):
                          "--dense-model runs/dense --route length) or neither")
     from smoe.serve.hybrid import HybridConfig, HybridRouter
 
-    return HybridRouter.from_config(HybridConfig(policy=a.route, length_threshold=a.route_length_threshold,
-                        domain_classifier=a.domain_classifier,
-                        smoe_domains=tuple(d.strip() for d in a.smoe_domains.split(",")
-                                           if d.strip()),
-                        domain_min_prob=a.route_min_prob,
-                        cascade_threshold=a.cascade_threshold))
+    domains = tuple(d.strip() for d in a.smoe_domains.split(",") if d.strip())
+    return HybridRouter.from_config(HybridConfig(
+        policy=a.route, length_threshold=a.route_length_threshold,
+        domain_classifier=a.domain_classifier, smoe_domains=domains,
+        domain_min_prob=a.route_min_prob, cascade_threshold=a.cascade_threshold))
 
 
 def build_hybrid(a: argparse.Namespace, router, config, device: str, smoe_name: str):

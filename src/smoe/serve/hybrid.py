@@ -12,8 +12,10 @@ tested without a server:
   (under the dense model itself) is below ``cascade_threshold``, the model was unsure and the
   request escalates to the SMoE model, whose answer is returned instead. This is the
   confidence-based cascade of FrugalGPT (Chen et al. 2023, arXiv 2305.05176) with the
-  generator's own likelihood as the scorer; the dense answer costs one extra pass when it
-  escalates.
+  generator's own likelihood as the scorer. The score is one extra forward of the dense model
+  over prompt + answer (the engine returns token ids, not log-probabilities); an escalation
+  also pays the dense answer. A streamed cascade request gets its first chunk only once the
+  dense answer is scored (a kept answer arrives as one chunk).
 
 A request that names one of the two models (``model`` field) goes to it (policy ``explicit``);
 one that names :data:`ROUTED_MODEL` (``auto``, listed in ``/v1/models`` beside the two, since
