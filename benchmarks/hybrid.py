@@ -13,8 +13,10 @@ Each policy is then a choice per prompt, and its row adds up the chosen model's 
 sent to the SMoE model, mean quality, cost as active parameters x tokens processed (prompt +
 generated; a cascade's escalation pays the dense answer, its scoring pass and the SMoE answer),
 and measured tokens/s (generated tokens delivered / time spent on them), beside "all dense"
-and "all SMoE". Thresholds: ``length`` at the median prompt length, ``cascade`` at the median
-dense score (both send about half the prompts to the SMoE model) and at the server default.
+and "all SMoE", and an oracle that knows which model predicts each prompt's continuation
+better (a bound no policy reaches). Thresholds: ``length`` at the median prompt length,
+``cascade`` at the median dense score (both send about half the prompts to the SMoE model)
+and at the server default.
 
     python benchmarks/hybrid.py --dense runs/dense --moe runs/moe --write
 """
@@ -194,6 +196,9 @@ def main() -> int:
         policy_row(f"cascade < {med_score:.2f}", rows, cascade(min(0.0, med_score)), active,
                    cascade=True),
         policy_row("cascade < -1.50", rows, cascade(-1.5), active, cascade=True),
+        policy_row("oracle (lower loss per prompt)", rows,
+                   lambda r: "smoe" if r["smoe"]["loss"] < r["dense"]["loss"] else "dense",
+                   active),
     ]
     per_domain = {d: {m: statistics.mean(r[m]["loss"] for r in rows if r["domain"] == d)
                       for m in models} for d in ("prose", "code")}
