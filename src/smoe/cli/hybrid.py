@@ -55,14 +55,11 @@ def hybrid_config(a: argparse.Namespace):
 
 def build_hybrid(a: argparse.Namespace, router, config, device: str, smoe_name: str):
     """Load the dense model (its own engine and engine thread) beside the SMoE one."""
-    from smoe.serve import build_state, load_served_model
+    from smoe.serve import load_served_model
     from smoe.serve.hybrid import HybridServing
 
     dense = load_served_model(a.dense_model, device=device, name=a.dense_model_name)
-    if dense.name == smoe_name:
-        raise ValueError(f"both models are named {smoe_name!r}: give --served-model-name or "
-                         "--dense-model-name")
-    return HybridServing(build_state(dense, config), router)
+    return HybridServing.build(dense, config, router, smoe_name)
 
 
 def register_route_classifier(sub: argparse._SubParsersAction) -> None:

@@ -71,9 +71,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
             app = create_app(state)
         else:
             from smoe.cli.hybrid import build_hybrid
-            from smoe.serve.app import create_app as create_hybrid_app
 
-            app = create_hybrid_app(state, build_hybrid(a, route, config, device, served.name))
+            app = create_app(state, build_hybrid(a, route, config, device, served.name))
         print(f"smoe serve: {served.name} on http://{a.host}:{a.port} "
               f"(dashboard /dashboard, metrics /metrics)", flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning",

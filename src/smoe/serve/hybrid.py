@@ -201,6 +201,21 @@ class HybridServing:
             for t in TARGETS:
                 self.decisions.labels(p, t)
 
+    @classmethod
+    def build(cls, dense: Any, config: Any, router: HybridRouter,
+              smoe_name: str | None = None) -> HybridServing:
+        """The dense :class:`~smoe.serve.loading.ServedModel` with its own engine and engine
+        thread (:func:`~smoe.serve.server.build_state` with the same ``config``)."""
+        from smoe.serve.server import build_state
+
+        if smoe_name is not None and dense.name == smoe_name:
+            raise ValueError(f"both models are named {smoe_name!r}: give --served-model-name "
+                             "or --dense-model-name")
+        if dense.name == ROUTED_MODEL:
+            raise ValueError(f"{ROUTED_MODEL!r} is the routed model id: name the dense model "
+                             "otherwise (--dense-model-name)")
+        return cls(build_state(dense, config), router)
+
     def record(self, decision: Decision) -> None:
         self.router.record(decision)
         self.decisions.labels(decision.policy, decision.target).inc()
