@@ -9,6 +9,7 @@ prometheus_client's parser.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -69,7 +70,8 @@ def test_config_validation_names_the_field():
 
 
 # -- the domain classifier --------------------------------------------------------------------
-def test_classifier_held_out_accuracy_and_round_trip(classifier_file, tmp_path):
+def test_classifier_held_out_accuracy_and_round_trip(classifier_file, tmp_path, capsys):
+    from smoe.cli import main as cli_main
     from smoe.serve.domain import DomainClassifier
 
     clf = DomainClassifier.load(classifier_file)
@@ -84,6 +86,11 @@ def test_classifier_held_out_accuracy_and_round_trip(classifier_file, tmp_path):
     r = HybridRouter.from_config(HybridConfig("domain", domain_classifier=str(classifier_file)))
     assert r.decide(CODE, [0]).target == "smoe" and r.decide(PROSE, [0]).target == "dense"
     assert r.decide(None, [0]).target == "smoe"  # token ids: nothing to classify
+    capsys.readouterr()
+    assert cli_main(["route-classifier", "predict", str(classifier_file), CODE]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["domain"] == "code" and shown["probabilities"]["code"] == pytest.approx(
+        clf.predict(CODE)[1], abs=1e-6)
     with pytest.raises(ValueError, match="smoe_domains"):
         HybridRouter.from_config(HybridConfig("domain", domain_classifier=str(classifier_file),
                                               smoe_domains=("poetry",)))
