@@ -125,14 +125,14 @@ def plot(results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = results[0]["cost"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=90)
     for r in results:
         x = r["cost"] / base
         ax.scatter(x, r["loss"], s=30, color="black" if r["policy"].startswith("all") else "C0")
         ax.annotate(r["policy"], (x, r["loss"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=7)
     ax.set_xlabel("cost: active params x tokens, relative to all dense")
-    ax.set_ylabel("loss of the reference continuation (nats/token, lower is better)")
+    ax.set_ylabel("reference loss (nats/token, lower is better)")
     ax.set_title("Hybrid routing: quality against cost (held-out prompts)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -214,8 +214,8 @@ def main() -> int:
              f"{len(rows)} held-out prompts ({a.prompts} prose, {a.prompts} code; the default "
              f"corpus's validation split), {a.gen} generated tokens each, greedy; "
              f"{elapsed:.0f} s in all. {a.train_note}", "",
-             f"Models: dense {active['dense']:,} active parameters per token, SMoE "
-             f"{active['smoe']:,} active "
+             f"Active parameters per token: dense {active['dense']:,}, SMoE "
+             f"{active['smoe']:,} "
              f"({models['smoe'].model.config.num_params():,} in all). Reference-continuation "
              f"loss by domain (nats/token): prose dense {per_domain['prose']['dense']:.3f} / "
              f"SMoE {per_domain['prose']['smoe']:.3f}, code dense "
