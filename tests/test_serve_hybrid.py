@@ -189,6 +189,8 @@ def test_domain_routing_server(runs, classifier_file):
         assert counts[("domain", "smoe")] == 2 and counts[("domain", "dense")] == 2
         assert counts[("explicit", "dense")] == 1 and counts[("cascade", "smoe")] == 0
         assert len(counts) == 8  # 4 policies x 2 targets, bounded
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["status"] == "ok" and list(health["models"]) == ["tiny-moe", "tiny-dense"]
     finally:
         server.stop()
 

@@ -91,8 +91,13 @@ def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
         for w in workers:
             if w.error is not None:
                 return _error(503, f"the engine stopped: {w.error}", type="server_error")
-        return {"status": "draining" if state.worker.draining else "ok",
+        body = {"status": "draining" if state.worker.draining else "ok",
                 "running": state.engine.num_running, "waiting": state.engine.num_waiting}
+        if hybrid is not None:  # per model, the SMoE one first
+            body["models"] = {st.served.name: {"running": st.engine.num_running,
+                                               "waiting": st.engine.num_waiting}
+                              for st in (state, hybrid.dense)}
+        return body
 
     @app.get("/v1/models")
     async def models():
