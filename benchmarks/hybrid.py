@@ -19,6 +19,17 @@ better (a bound no policy reaches). Thresholds: ``length`` at the median prompt 
 and at the server default.
 
     python benchmarks/hybrid.py --dense runs/dense --moe runs/moe --write
+
+The BENCHMARKS.md figures used (about 8 minutes each on 2 shared cores):
+
+    smoe train --out runs/moe --preset tiny-moe --steps 300 --batch-size 8 --seq-len 256 \
+        --eval-every 0 --checkpoint-every 300
+    python -c "import functools; from smoe import config as C; \
+    from smoe.train.config import TrainConfig; from smoe.train.run import start_run; \
+    C.PRESETS['micro-dense'] = functools.partial(C._family, 'dense', hidden=128, layers=2, \
+        heads=4, kv_heads=2, expert=128, experts=8, top_k=2, seq=256); \
+    start_run('runs/dense', TrainConfig(steps=300, batch_size=8, seq_len=256, eval_every=0, \
+        checkpoint_every=300), preset='micro-dense')"
 """
 
 from __future__ import annotations
