@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "smoe.cli.bench",
     "smoe.cli.monitor",
     "smoe.cli.serve",
+    "smoe.cli.hybrid",
 )
 
 #: The command whose parser is being built in full (None: only the light ones).

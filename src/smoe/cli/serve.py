@@ -37,16 +37,18 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                    help="serve a capacity-factor model dropless (else it is refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--dense-model", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--route", default=None, help=argparse.SUPPRESS)
+    from smoe.cli.hybrid import add_hybrid_arguments
+
+    add_hybrid_arguments(p)
 
     def run(a: argparse.Namespace) -> int:
         import torch
 
         from smoe.serve import ServeConfig, build_state, create_app, load_served_model
 
-        if a.dense_model or a.route:
-            raise ValueError("--dense-model/--route (hybrid routing) are not implemented yet")
+        from smoe.cli.hybrid import hybrid_config
+
+        route = hybrid_config(a)  # validated before anything is loaded
         if not 0 <= a.port < 65536:
             raise ValueError(f"--port {a.port} must be in [0, 65535]")
         config = ServeConfig(max_batch=a.max_batch, max_queue=a.max_queue,
@@ -64,7 +66,13 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         import uvicorn
 
         served = load_served_model(a.model, device=device, name=a.served_model_name)
-        app = create_app(build_state(served, config))
+        state = build_state(served, config)
+        if route is None:
+            app = create_app(state)
+        else:
+            from smoe.cli.hybrid import build_hybrid
+
+            app = create_app(state, build_hybrid(a, route, config, device, served.name))
         print(f"smoe serve: {served.name} on http://{a.host}:{a.port} "
               f"(dashboard /dashboard, metrics /metrics)", flush=True)
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning",

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from smoe.inference.engine import SamplingParams
 from smoe.serve import openai as oa
+from smoe.serve.hybrid import ROUTED_MODEL
 from smoe.serve.server import ServerState
 from smoe.serve.worker import Draining, QueueFull
 
@@ -33,17 +34,23 @@ def _error(status: int, message: str, **kw: Any) -> JSONResponse:
     return JSONResponse(oa.error_body(message, **kw), status_code=status, headers=headers)
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
+    """The app serving ``state``'s model; with ``hybrid`` (a
+    :class:`smoe.serve.hybrid.HybridServing`) ``state`` is the SMoE model and ``hybrid.dense``
+    the dense one, and each request goes to one of them (:func:`_hybrid_route`)."""
     cfg, served = state.config, state.served
+    workers = [state.worker] + ([hybrid.dense.worker] if hybrid is not None else [])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.worker.start()
+        for w in workers:
+            w.start()
         try:
             yield
         finally:  # uvicorn has stopped accepting connections; finish what is running
-            await state.worker.drain(cfg.drain_timeout)
-            state.worker.stop()
+            await asyncio.gather(*(w.drain(cfg.drain_timeout) for w in workers))
+            for w in workers:
+                w.stop()
 
     app = FastAPI(title="smoe serve", lifespan=lifespan)
     app.state.smoe = state
@@ -81,22 +88,33 @@ def create_app(state: ServerState) -> FastAPI:
     # -- plain endpoints -------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        if state.worker.error is not None:
-            return _error(503, f"the engine stopped: {state.worker.error}", type="server_error")
-        return {"status": "draining" if state.worker.draining else "ok",
+        for w in workers:
+            if w.error is not None:
+                return _error(503, f"the engine stopped: {w.error}", type="server_error")
+        body = {"status": "draining" if state.worker.draining else "ok",
                 "running": state.engine.num_running, "waiting": state.engine.num_waiting}
+        if hybrid is not None:  # per model, the SMoE one first
+            body["models"] = {st.served.name: {"running": st.engine.num_running,
+                                               "waiting": st.engine.num_waiting}
+                              for st in (state, hybrid.dense)}
+        return body
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model",
+        names = [served.name] + ([hybrid.dense.served.name, ROUTED_MODEL]
+                                 if hybrid is not None else [])
+        return {"object": "list", "data": [{"id": n, "object": "model",
                                             "created": int(state.started),
-                                            "owned_by": "smoe"}]}
+                                            "owned_by": "smoe"} for n in names]}
 
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        body = state.metrics.exposition()
+        if hybrid is not None:
+            body += hybrid.exposition()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard():
@@ -109,25 +127,29 @@ def create_app(state: ServerState) -> FastAPI:
 
     # -- generation ------------------------------------------------------------------------
     def _check_model(name: str | None) -> None:
-        if name is not None and name != served.name:
+        known = [served.name] + ([hybrid.dense.served.name, ROUTED_MODEL]
+                                 if hybrid is not None else [])
+        if name is not None and name not in known:
             raise oa.APIError(404, f"model {name!r} does not exist; this server serves "
-                              f"{served.name!r}", param="model", code="model_not_found")
+                              f"{' and '.join(map(repr, known))}", param="model",
+                              code="model_not_found")
 
-    def _params(req: oa._Common, prompt_len: int) -> SamplingParams:
+    def _params(req: oa._Common, prompt_len: int, st: ServerState = state) -> SamplingParams:
+        served = st.served
         if prompt_len == 0:
             raise oa.APIError(400, "the prompt is empty", param="prompt")
-        if prompt_len > state.max_prompt_tokens:
+        if prompt_len > st.max_prompt_tokens:
             raise oa.APIError(400, f"the prompt is {prompt_len} tokens; this server accepts at "
-                              f"most {state.max_prompt_tokens}", param="prompt",
+                              f"most {st.max_prompt_tokens}", param="prompt",
                               code="context_length_exceeded")
-        room = state.context - prompt_len
+        room = st.context - prompt_len
         if req.max_tokens is not None:
             if req.max_tokens > cfg.max_tokens:
                 raise oa.APIError(400, f"max_tokens={req.max_tokens} is above this server's "
                                   f"limit of {cfg.max_tokens}", param="max_tokens")
             if req.max_tokens > room:
                 raise oa.APIError(400, f"prompt ({prompt_len} tokens) + max_tokens "
-                                  f"({req.max_tokens}) exceeds the context of {state.context}",
+                                  f"({req.max_tokens}) exceeds the context of {st.context}",
                                   param="max_tokens", code="context_length_exceeded")
             n = req.max_tokens
         else:
@@ -136,9 +158,9 @@ def create_app(state: ServerState) -> FastAPI:
         return SamplingParams(max_tokens=n, temperature=req.temperature, top_p=req.top_p,
                               seed=req.seed, stop_token_ids=stops)
 
-    def _submit(ids: list[int], params: SamplingParams):
+    def _submit(ids: list[int], params: SamplingParams, st: ServerState = state):
         try:
-            return state.worker.submit(ids, params)
+            return st.worker.submit(ids, params)
         except QueueFull as exc:
             raise oa.APIError(429, str(exc), type="rate_limit_error", code="queue_full",
                               headers={"Retry-After": str(cfg.retry_after_s)}) from None
@@ -148,7 +170,7 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as exc:
             raise oa.APIError(400, str(exc)) from None
 
-    async def _tokens(request: Request, sub):
+    async def _tokens(request: Request, sub, st: ServerState = state):
         """The request's events, with latencies recorded; aborts on disconnect or timeout."""
         deadline = sub.start + cfg.request_timeout
         last = None
@@ -178,23 +200,31 @@ def create_app(state: ServerState) -> FastAPI:
                     state.metrics.observe("e2e", now - sub.start)
                     return
         finally:
-            state.worker.abort(sub.request_id)  # a no-op once finished
+            st.worker.abort(sub.request_id)  # a no-op once finished
 
-    async def _run(request: Request, req: oa._Common, ids: list[int], chat: bool):
+    async def _run(request: Request, req: oa._Common, ids: list[int], chat: bool,
+                   text: str | None = None):
         _check_model(req.model)
         req.check_supported()
         stops = req.stop_strings()
-        params = _params(req, len(ids))
-        sub = _submit(ids, params)
+        st = state
+        if hybrid is not None:
+            st, ids, answer = await _hybrid_route(hybrid, state, req, ids, text, stops,
+                                                  _params, _submit, _tokens, request)
+            if answer is not None:  # a cascade kept the dense model's answer
+                return _hybrid_answer(answer, req, chat)
+        served = st.served
+        params = _params(req, len(ids), st)
+        sub = _submit(ids, params, st)
         state.metrics.prompt_tokens.inc(len(ids))
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
         tracker = oa.TextTracker(served.decode, stops, params.stop_token_ids)
         if req.stream:
-            return StreamingResponse(_stream(request, sub, rid, tracker, req, chat),
+            return StreamingResponse(_stream(request, sub, rid, tracker, req, chat, st),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text, finish, n = [], "length", 0
-        events = _tokens(request, sub)
+        events = _tokens(request, sub, st)
         try:
             async for ev in events:
                 n += ev.token_id is not None
@@ -213,13 +243,14 @@ def create_app(state: ServerState) -> FastAPI:
                                                               finish, usage)
         return JSONResponse(body)
 
-    async def _stream(request, sub, rid, tracker, req, chat):
+    async def _stream(request, sub, rid, tracker, req, chat, st: ServerState = state):
+        served = st.served
         def sse(obj) -> str:
             return f"data: {json.dumps(obj)}\n\n"
 
         n = 0
         finish = None
-        events = _tokens(request, sub)
+        events = _tokens(request, sub, st)
         try:
             if chat:
                 yield sse(oa.chat_chunk(rid, served.name, {"role": "assistant", "content": ""},
@@ -258,7 +289,8 @@ def create_app(state: ServerState) -> FastAPI:
         else:
             ids = [int(t) for t in prompt]
         req.check_supported()
-        return await _run(request, req, ids, chat=False)
+        return await _run(request, req, ids, chat=False,
+                          text=prompt if isinstance(prompt, str) else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, req: oa.ChatRequest):
@@ -267,8 +299,8 @@ def create_app(state: ServerState) -> FastAPI:
                               "/v1/completions with a plain prompt", param="messages",
                               code="no_chat_template")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = served.encode(served.chat_prompt(messages))
-        return await _run(request, req, ids, chat=True)
+        prompt_text = served.chat_prompt(messages)
+        return await _run(request, req, served.encode(prompt_text), chat=True, text=prompt_text)
 
     return app
 
@@ -299,3 +331,84 @@ def _dashboard_data(state: ServerState) -> dict[str, Any]:
                        for w in list(m.windows)[-120:]]
     data["alerts"] = [a.as_dict() for a in m.alerts[-50:]]
     return data
+
+
+# -- hybrid dense + SMoE routing (smoe serve --dense-model ... --route ...) ----------------------
+async def _hybrid_route(hybrid: Any, state: ServerState, req: oa._Common, ids: list[int],
+                        text: str | None, stops: list[str], params_fn, submit_fn, tokens_fn,
+                        request: Request):
+    """Which model answers: ``(its state, the prompt ids for it, a kept answer or None)``. A
+    request naming a model goes to it; otherwise the policy decides. A cascade runs the dense
+    model here, scores its answer and either keeps it (returned as a dict) or escalates."""
+    from smoe.serve.hybrid import Decision
+
+    dense = hybrid.dense
+
+    def ids_for(st: ServerState) -> list[int]:  # each model reads text with its own tokenizer
+        return st.served.encode(text) if text is not None and st is dense else ids
+
+    if req.model is not None and req.model != ROUTED_MODEL:
+        target = "dense" if req.model == dense.served.name else "smoe"
+        decision = Decision(target, "explicit", f"the request named {req.model!r}")
+    else:
+        decision = hybrid.router.decide(text, ids)
+    if decision.final:
+        hybrid.record(decision)
+        st = dense if decision.target == "dense" else state
+        return st, ids_for(st), None
+    d_ids = ids_for(dense)
+    params = params_fn(req, len(d_ids), dense)
+    sub = submit_fn(d_ids, params, dense)
+    state.metrics.prompt_tokens.inc(len(d_ids))
+    tracker = oa.TextTracker(dense.served.decode, stops, params.stop_token_ids)
+    out_ids: list[int] = []
+    parts: list[str] = []
+    finish, n = "length", 0
+    events = tokens_fn(request, sub, dense)
+    try:
+        async for ev in events:
+            n += ev.token_id is not None
+            if ev.token_id is not None and ev.token_id not in params.stop_token_ids:
+                out_ids.append(ev.token_id)
+            parts.append(tracker.add(ev.token_id, ev.finished))
+            if ev.finished:
+                finish = "stop" if ev.finish_reason == "stop" else "length"
+            if tracker.stopped:
+                finish = "stop"
+                break
+    finally:
+        await events.aclose()
+    score = await asyncio.to_thread(hybrid.score, d_ids, out_ids)
+    decision = hybrid.router.escalate(score)
+    hybrid.record(decision)
+    if decision.target == "dense":
+        return dense, d_ids, {"model": dense.served.name, "text": "".join(parts),
+                              "finish": finish, "usage": oa.usage_body(len(d_ids), n)}
+    return state, ids, None
+
+
+def _hybrid_answer(answer: dict[str, Any], req: oa._Common, chat: bool) -> Response:
+    """A cascade's kept dense answer, as a body or (``stream``) as one content chunk."""
+    rid = oa.new_id("chatcmpl" if chat else "cmpl")
+    model, text, finish, usage = answer["model"], answer["text"], answer["finish"], \
+        answer["usage"]
+    if not req.stream:
+        return JSONResponse((oa.chat_body if chat else oa.completion_body)(rid, model, text,
+                                                                           finish, usage))
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def chunks():
+        if chat:
+            yield sse(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
+            yield sse(oa.chat_chunk(rid, model, {"content": text} if text else {}, finish))
+        else:
+            yield sse(oa.completion_chunk(rid, model, text, finish))
+        if req.include_usage:
+            chunk = oa.chat_chunk if chat else oa.completion_chunk
+            yield sse(chunk(rid, model, {} if chat else "", None, usage, choices=False))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(chunks(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
