@@ -80,8 +80,17 @@ def test_presets_are_matched_families():
     assert moe.moe.router == "softmax_topk" and moe.moe.norm_topk_prob and not moe.qk_norm
     assert dense.moe is None and dense.ffn_size == 2 * 256
     assert wide.moe is None and wide.ffn_size == 8 * 256
-    assert set(PRESETS) == {f"{s}-{k}" for s in ("tiny", "small")
-                            for k in ("moe", "dense", "dense-wide")}
+    assert set(PRESETS) == {f"{s}-{k}" for s in ("tiny", "small", "micro")
+                            for k in ("moe", "dense", "dense-wide")} | {"micro-moe32"}
+    # the capacity experiment's family: same active FFN (2 x 128 = 256), 4x / 16x the experts
+    m8, m32 = preset("micro-moe"), preset("micro-moe32")
+    md, mw = preset("micro-dense"), preset("micro-dense-wide")
+    assert (m8.hidden_size, m8.num_layers, m8.num_heads, m8.num_kv_heads) == (64, 4, 4, 2)
+    assert (m8.moe.num_experts, m32.moe.num_experts, m8.moe.top_k, m32.moe.top_k) == (8, 32, 2, 2)
+    assert m8.moe.expert_size == m32.moe.expert_size == 128
+    assert (md.ffn_size, mw.ffn_size) == (256, 1024)
+    # the same compute per token: only the router's extra rows (24 experts x 64 x 4 layers)
+    assert m32.num_active_params(False) - m8.num_active_params(False) == (32 - 8) * 64 * 4
 
 
 # -- counts -----------------------------------------------------------------------------------
