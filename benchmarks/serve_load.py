@@ -77,7 +77,9 @@ class Proc:
 
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(threads),
+    # keep a PYTHONPATH the caller set (e.g. where the peer's `accelerate` is installed)
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    env.update(PYTHONPATH=path, OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 
