@@ -160,15 +160,16 @@ class QuantizedExperts(ExpertsBase):
 
     # -- what each scheme provides --------------------------------------------------------
     def _quantize_from(self, proj: str, w_ENK: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Pack the float weight ``w_ENK`` of ``proj`` (each scheme's subclass does it)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _quantize_from")
 
     def _matmul(self, x_RK: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         """x (bfloat16) times expert e's weight of ``proj``, transposed: [R, N] bfloat16."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _matmul")
 
     def dequantized(self, proj: str) -> torch.Tensor:
         """The weight the kernels compute with, as float32 [E, N, K]."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement dequantized")
 
     # -- building -------------------------------------------------------------------------
     @classmethod
