@@ -174,12 +174,11 @@ def main(argv=None) -> int:
     out += ["", *notes(), END]
     text = "\n".join(out)
     print(text)
-    if args.write:
-        bench = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-        old = bench.read_text()
-        if BEGIN in old:
-            old = old[:old.index(BEGIN)] + old[old.index(END) + len(END) + 1:]
-        bench.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+    if args.write:  # in place between the markers, atomically (smoe.bench.write_section)
+        from smoe.bench import write_section
+
+        body = text.replace(BEGIN, "").replace(END, "").strip()
+        write_section(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", body, BEGIN, END)
     return 0
 
 
