@@ -27,6 +27,7 @@ one-expert knock-outs, load balance and samples.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ def specs() -> list[Spec]:
         out += [Spec(f"arm2/{DENSE}/s{seed}", "arm2", DENSE, "cosine", 1.0, seed),
                 Spec(f"arm2/{MOE32}@0.6/s{seed}", "arm2", MOE32, "cosine", 0.6, seed),
                 Spec(f"arm2/{MOE}@0.6/s{seed}", "arm2", MOE, "cosine", 0.6, seed)]
-    out.append(Spec(f"arm2/{MOE}@0.75/s0", "arm2", MOE, "cosine", 0.75, 0))
+        out.append(Spec(f"arm2/{MOE}@0.75/s{seed}", "arm2", MOE, "cosine", 0.75, seed))
     # Half-length ablations, compared with arm1's micro-moe (aux loss) at the same steps.
     out += [Spec(f"balance/{MOE}/none", "balance", MOE, fraction=0.5,
                  overrides={"aux_loss_coef": 0.0}),
@@ -110,6 +111,7 @@ def train_one(spec: Spec, args: argparse.Namespace) -> dict:
     from smoe.train.run import start_run
 
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     total = args.lr_steps if spec.phase == "lr" else args.steps
     steps = max(1, round(total * spec.fraction))
     lr = spec.lr if spec.lr is not None else chosen_lr(spec.preset)
@@ -123,7 +125,7 @@ def train_one(spec: Spec, args: argparse.Namespace) -> dict:
     folder = run_dir(spec.name)
     t0 = time.time()
     result = start_run(folder, train, preset=spec.preset, router=spec.router, replace=True,
-                       progress=False, log=lambda *a: None)
+                       progress=False, device=device, log=lambda *a: None)
     wall = time.time() - t0
     model = result.model
     rows = read_metrics(folder)
@@ -140,7 +142,7 @@ def train_one(spec: Spec, args: argparse.Namespace) -> dict:
     tps = sorted(r["tokens_per_s"] for r in train_rows if r.get("tokens_per_s"))
     tail = [r["loss"] for r in train_rows[-max(1, len(train_rows) // 10):]]
     out = {
-        "spec": asdict(spec), "steps": steps, "lr": lr, "min_lr": min_lr,
+        "spec": asdict(spec), "device": _device_name(device), "steps": steps, "lr": lr, "min_lr": min_lr,
         "params_total": model.num_params(), "params_active": model.num_active_params(),
         "flops_per_token_forward": fpt, "tokens_per_step": tokens_per_step,
         "tokens_per_s_median": tps[len(tps) // 2] if tps else None, "wall_s": wall,
@@ -158,11 +160,22 @@ def train_one(spec: Spec, args: argparse.Namespace) -> dict:
     return out
 
 
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.machine()} CPU, one thread"
+
+
 def _worker_command(spec: Spec, args: argparse.Namespace) -> list[str]:
     return [sys.executable, __file__, "--run-one", spec.name, "--steps", str(args.steps),
             "--lr-steps", str(args.lr_steps), "--batch-size", str(args.batch_size),
             "--seq-len", str(args.seq_len), "--evals", str(args.evals),
-            "--eval-batches", str(args.eval_batches), "--warmup", str(args.warmup)]
+            "--eval-batches", str(args.eval_batches), "--warmup", str(args.warmup),
+            "--device", args.device]
 
 
 def run_phases(args: argparse.Namespace) -> None:
@@ -175,7 +188,9 @@ def run_phases(args: argparse.Namespace) -> None:
     cost = {DENSE: 1.0, MOE: 1.2, MOE32: 1.25, WIDE: 4.2}  # measured step-time ratios here
     for phases in (["lr"], [p for p in args.phases if p != "lr"]):
         todo = [s for s in specs() if s.phase in phases and s.phase in args.phases
-                and read_result(s.name) is None]
+                and read_result(s.name) is None
+                and (s.phase == "lr" or not args.only
+                     or any(fnmatch.fnmatchcase(s.name, g) for g in args.only))]
         todo.sort(key=lambda s: -cost[s.preset] * s.fraction)
         running: list[tuple[Spec, subprocess.Popen, float]] = []
         while todo or running:
@@ -183,7 +198,10 @@ def run_phases(args: argparse.Namespace) -> None:
                 spec = todo.pop(0)
                 log = Path(f"{run_dir(spec.name)}.log")
                 log.parent.mkdir(parents=True, exist_ok=True)
-                env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+                # keep a PYTHONPATH the caller set (e.g. a corpus relocation on another machine)
+                path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH"))
+                                       if p)
+                env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
                 if tcmalloc:  # the allocator the smoe launcher uses (see smoe.launch)
                     env["LD_PRELOAD"] = tcmalloc
                 proc = subprocess.Popen(_worker_command(spec, args), stdout=log.open("w"),
@@ -212,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evals", type=int, default=30, help="evaluations over a full-length run")
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--device", default="cpu",
+                   help="where each run trains: cpu, cuda, cuda:N (several jobs may share a GPU)")
     p.add_argument("--phases", nargs="*", default=["lr", "arm1", "arm2", "balance"])
+    p.add_argument("--only", nargs="*", default=[], metavar="GLOB",
+                   help="train only the runs whose names match (e.g. 'arm2/*/s0'; the lr check "
+                        "always runs first): the important runs first when time is short")
     p.add_argument("--report", action="store_true", help="only build the report")
     p.add_argument("--write", action="store_true", help="write the report into BENCHMARKS.md")
     p.add_argument("--no-report", action="store_true", help="train only")

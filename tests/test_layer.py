@@ -390,3 +390,16 @@ def test_output_shape_equals_input_shape():
 def test_wrong_hidden_size_raises(shape):
     with pytest.raises(ValueError, match="hidden_size"):
         make_layer(17)(torch.randn(shape))
+
+
+def test_grouped_mm_capability_probe():
+    """``auto`` asks :func:`grouped_mm_runs_on` before taking the grouped GEMM: on CPU the three
+    float dtypes run (no probe), anything else goes to ``loop``; a probe's answer on another
+    device is remembered per (device, dtype) (the cache holds only what was asked)."""
+    from smoe.nn import experts
+
+    cpu = torch.device("cpu")
+    assert all(experts.grouped_mm_runs_on(cpu, dt) for dt in experts.GROUPED_MM_DTYPES)
+    assert not experts.grouped_mm_runs_on(cpu, torch.float64)
+    assert not experts.grouped_mm_runs_on(cpu, torch.int8)
+    assert all(key[0] != "cpu" for key in experts._GROUPED_MM_RUNS)

@@ -59,7 +59,7 @@ from smoe.nn.grouped_mm import grouped_mm
 
 __all__ = ["ExpertsBase", "Experts", "StackedWeights", "ExpertsBackend", "EXPERTS_BACKENDS",
            "register_experts_backend", "DenseMLP", "activate", "gated_activation", "BACKENDS",
-           "GROUPED_MM_DTYPES", "grouped_mm_aligned", "matmul_per_expert"]
+           "GROUPED_MM_DTYPES", "grouped_mm_aligned", "grouped_mm_runs_on", "matmul_per_expert"]
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUPED_MM_DTYPES = GROUPED_MM_DTYPES  # old private name, still imported by smoe.hf.experts
@@ -205,8 +205,40 @@ def _run_grouped_mm(w: StackedWeights, x_AD: torch.Tensor, counts_E: torch.Tenso
     return add_bias(y, w.b_down, expert_A)
 
 
+#: (device type, device index, dtype) -> whether the grouped GEMM kernel runs there.
+_GROUPED_MM_RUNS: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+def grouped_mm_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` has a kernel for ``dtype`` on ``device``.
+
+    On CPU torch 2.13 runs float32, bfloat16 and float16. Elsewhere support depends on the
+    torch build and the chip (CUDA's kernel, for one, has long been bfloat16-only on
+    Hopper-class GPUs), so the first call per (device, dtype) tries a tiny product and the answer
+    is remembered: a missing kernel falls back to the ``loop`` backend instead of raising.
+    """
+    if dtype not in GROUPED_MM_DTYPES:
+        return False
+    if device.type == "cpu" or device.type == "meta":
+        return True
+    key = (device.type, device.index, dtype)
+    if key not in _GROUPED_MM_RUNS:
+        if torch.compiler.is_compiling():  # no probing inside a trace; decide eagerly first
+            return False
+        try:
+            x_AI = torch.zeros(16, 16, device=device, dtype=dtype)
+            w_EIO = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+            offs_E = torch.tensor([8, 16], device=device, dtype=torch.int32)
+            torch.nn.functional.grouped_mm(x_AI, w_EIO, offs=offs_E)
+            _GROUPED_MM_RUNS[key] = True
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            _GROUPED_MM_RUNS[key] = False
+    return _GROUPED_MM_RUNS[key]
+
+
 def _grouped_mm_supports(w: StackedWeights, x_AD: torch.Tensor, inner: int) -> bool:
-    return x_AD.dtype in GROUPED_MM_DTYPES and grouped_mm_aligned(x_AD, w.w_in, w.w_down, inner)
+    return (grouped_mm_runs_on(x_AD.device, x_AD.dtype)
+            and grouped_mm_aligned(x_AD, w.w_in, w.w_down, inner))
 
 
 def _run_loop(w: StackedWeights, x_AD: torch.Tensor, counts_E: torch.Tensor,
