@@ -240,8 +240,8 @@ def arm1_table(analysis: dict) -> tuple[list[str], dict]:
     flops = min(r["curve"][-1]["flops"] for r in rows.values())
     wall = min(r["curve"][-1]["wall_s"] for r in rows.values())
     lines += ["", f"At equal training FLOPs ({flops:.2e}) and equal wall time ({wall:.0f} s; "
-              "the runs shared the cores with other jobs, so wall time and tokens/s mostly "
-              "measure that load: compare by steps and FLOPs) the validation losses are: "
+              "runs trained side by side, sharing their device with other runs, so wall time "
+              "and tokens/s mostly measure that sharing: compare by steps and FLOPs) the validation losses are: "
               + "; ".join(
                   f"{p} {_f(_interp(r['curve'], 'flops', flops))} / "
                   f"{_f(_interp(r['curve'], 'wall_s', wall))}" for p, r in rows.items()) + "."]
@@ -423,6 +423,40 @@ def plot_heatmaps(path: Path) -> None:
 
 
 # -- the report ----------------------------------------------------------------------------
+def seed_spread(eval_batches: int) -> str:
+    """How the seed-to-seed spread of dense compares with arm 2's MoE-dense gaps."""
+    dense = [_result(f"arm2/{cap.DENSE}/s{seed}") for seed in (0, 1)]
+    if any(d is None for d in dense):
+        return ""
+    spread = abs(dense[0]["final_val_loss"] - dense[1]["final_val_loss"])
+    gaps = [r["final_val_loss"] - d["final_val_loss"] for seed, d in enumerate(dense)
+            for name in (f"{cap.MOE32}@0.6", f"{cap.MOE}@0.6", f"{cap.MOE}@0.75")
+            if (r := _result(f"arm2/{name}/s{seed}")) is not None]
+    if not gaps:
+        return ""
+    return (f"The two dense seeds end {spread:.4f} apart; the MoE-dense gaps of arm 2 range "
+            f"from {min(gaps):+.4f} to {max(gaps):+.4f} (each final loss is one evaluation of "
+            f"{eval_batches} validation batches): "
+            + ("every gap is larger than the seed spread, in the MoE's favour." if max(gaps) < 0
+               and min(abs(g) for g in gaps) > spread else
+               "some gaps are within the seed spread, so two seeds decide little there."))
+
+
+def where_trained() -> str:
+    """The devices the finished runs trained on, each with its runs (from result.json)."""
+    by_device: dict[str, list[str]] = {}
+    for spec in cap.specs():
+        r = _result(spec.name)
+        if r is not None:
+            dev = r.get("device") or f"{platform.machine()} CPU, one thread"
+            by_device.setdefault(dev, []).append(spec.name)
+    parts = []
+    for dev, names in by_device.items():
+        shown = names if len(names) <= 3 else [f"{len(names)} runs"]
+        parts.append(f"{dev} ({', '.join(shown)})")
+    return "; ".join(parts)
+
+
 def build_report(args, write: bool = False) -> str:
     import shutil
 
@@ -434,10 +468,10 @@ def build_report(args, write: bool = False) -> str:
     dense = _result(f"arm1/{cap.DENSE}")
     tokens = dense["steps"] * dense["tokens_per_step"]
     cmd = (f"python benchmarks/capacity.py --steps {args.steps} --lr-steps {args.lr_steps} "
-           f"--batch-size {args.batch_size} --seq-len {args.seq_len} --jobs {args.jobs} --write")
+           f"--batch-size {args.batch_size} --seq-len {args.seq_len} --eval-batches "
+           f"{args.eval_batches} --jobs {args.jobs} --device DEVICE --write")
     lines = [
-        f"Command: `{cmd}` ({platform.machine()}, {os.cpu_count()} cores shared with other "
-        "work, one thread per run, two runs at a time). Byte tokens, the default corpus "
+        f"Command: `{cmd}`; where each run trained: {where_trained()}. Byte tokens, the default corpus "
         f"(prose + code), batch {args.batch_size} x {args.seq_len}; a full run is "
         f"{dense['steps']} steps = {tokens / 1e6:.1f}M tokens, "
         f"{tokens / dense['params_total']:.0f} tokens per dense parameter.", "",
@@ -465,9 +499,7 @@ def build_report(args, write: bool = False) -> str:
               "far past its compute-optimal point (as in Switch), where extra parameters at the "
               "same compute pay off; it does not claim an SMoE model beats a compute-optimal "
               "dense one. Arm 2 compares annealed ends, so the MoE at 0.6x must beat a dense "
-              "model that gained its whole cosine decay; the two dense seeds differ by as much "
-              "as the MoE-dense gaps measured there (each final loss is one evaluation of "
-              f"{args.eval_batches} batches), so two seeds decide little."]
+              "model that gained its whole cosine decay. " + seed_spread(args.eval_batches)]
     text = "\n".join(lines)
     plot_curves(cap.OUT / "capacity.png")
     plot_heatmaps(cap.OUT / "capacity_load.png")

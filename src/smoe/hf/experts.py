@@ -21,13 +21,12 @@ from smoe.nn.experts import (
     ExpertsBase,
     gated_activation,
     grouped_mm_aligned,
+    grouped_mm_runs_on,
     matmul_per_expert,
 )
 from smoe.nn.grouped_mm import grouped_mm
 
 __all__ = ["SplitExperts"]
-
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SplitExperts(ExpertsBase):
@@ -87,7 +86,7 @@ class SplitExperts(ExpertsBase):
         backend = self._backend
         if backend == "auto":
             inner = self.config.expert_size
-            fits = (x_AD.dtype in _GROUPED_MM_DTYPES
+            fits = (grouped_mm_runs_on(x_AD.device, x_AD.dtype)
                     and grouped_mm_aligned(x_AD, w_gate, w_down, inner)
                     and grouped_mm_aligned(x_AD, w_up, w_down, inner))
             backend = "grouped_mm" if fits else "loop"

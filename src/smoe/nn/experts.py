@@ -62,7 +62,6 @@ __all__ = ["ExpertsBase", "Experts", "StackedWeights", "ExpertsBackend", "EXPERT
            "GROUPED_MM_DTYPES", "grouped_mm_aligned", "grouped_mm_runs_on", "matmul_per_expert"]
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GROUPED_MM_DTYPES = GROUPED_MM_DTYPES  # old private name, still imported by smoe.hf.experts
 
 
 def activate(h: torch.Tensor, activation: str, alpha: float = 1.702,
@@ -114,7 +113,6 @@ def grouped_mm_aligned(x_AD: torch.Tensor, w_in: torch.Tensor, w_down: torch.Ten
     return all(s % align == 0 for s in leading + [inner])
 
 
-_grouped_mm_aligned = grouped_mm_aligned  # old private name, still imported by smoe.hf.experts
 
 
 def matmul_per_expert(x_AI: torch.Tensor, w_EIO: torch.Tensor, sizes: list[int]) -> torch.Tensor:
