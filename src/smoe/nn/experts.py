@@ -113,8 +113,6 @@ def grouped_mm_aligned(x_AD: torch.Tensor, w_in: torch.Tensor, w_down: torch.Ten
     return all(s % align == 0 for s in leading + [inner])
 
 
-
-
 def matmul_per_expert(x_AI: torch.Tensor, w_EIO: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Row block e of x times w[e]; experts with no rows cost nothing."""
     parts = [x_e @ w_e for x_e, w_e, n in zip(x_AI.split(sizes), w_EIO.unbind(0), sizes) if n]
