@@ -104,6 +104,29 @@ def test_requests_join_and_leave_mid_batch():
     assert sorted(t for _, t in prefills) == sorted(len(p) for p in prompts if len(p) > 1)
 
 
+def test_prompts_admitted_together_prefill_in_one_packed_forward():
+    """Prompts admitted in one step are prefilled in one forward, packed into one row of
+    their total length (no padding), and each still gets the tokens it gets alone, greedy or
+    seeded, then decodes from its own slot."""
+    model = tiny_model(3)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (6, 6, 4, 6)]
+    params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=5),
+              SamplingParams(max_tokens=8), SamplingParams(max_tokens=8, temperature=0.9,
+                                                           seed=4)]
+    expected = [_alone(model, p, sp.max_tokens, **({"temperature": 0.9, "seed": 4}
+                                                     if sp.temperature else {}))
+                for p, sp in zip(prompts, params)]
+    seen_T = []
+    hook = model.embed.register_forward_hook(lambda m, a, o: seen_T.append(tuple(a[0].shape)))
+    engine = Engine(model, max_batch=4)
+    got = engine.generate(prompts, params)
+    hook.remove()
+    assert got == expected
+    assert [s for s in seen_T if s[1] > 1] == [(1, 22)]
+    assert engine.runner.num_free == 4
+
+
 def test_seeded_sampling_equals_generate_alone_and_stop_tokens():
     model = tiny_model(2)
     g = torch.Generator().manual_seed(2)

@@ -216,6 +216,34 @@ def test_malformed_json_and_client_errors(servers):
     assert "max_tokens" in str(e.value)
 
 
+def test_prompt_plus_max_tokens_beyond_the_context_is_400(servers, folders):
+    _, b = servers
+    context = json.loads((folders[1] / "config.json").read_text())["model"]["max_seq_len"]
+    r = httpx.post(b.url + "/v1/completions", headers={"authorization": "Bearer sekret"},
+                   json={"prompt": "x" * (context - 8), "max_tokens": 16}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+    assert str(context) in err["message"]
+
+
+def test_api_key_401_with_an_openai_body(servers):
+    _, b = servers
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"}):
+        for method, path, body in (("GET", "/v1/models", None),
+                                   ("POST", "/v1/completions", {"prompt": "x"})):
+            r = httpx.request(method, b.url + path, json=body, headers=headers, timeout=60)
+            assert r.status_code == 401, (headers, path, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+            assert "Bearer" in err["message"]
+    # Health and metrics stay open to the load balancer and the scraper; the key opens /v1.
+    assert httpx.get(b.url + "/health", timeout=60).status_code == 200
+    assert httpx.get(b.url + "/metrics", timeout=60).status_code == 200
+    r = httpx.get(b.url + "/v1/models", headers={"authorization": "Bearer sekret"}, timeout=60)
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "chatty"
+
+
 def _open_stream(url: str, opened: list, errors: list) -> None:
     try:
         client = httpx.Client(timeout=120)
@@ -301,5 +329,62 @@ def test_graceful_shutdown_drains_running_requests(folders):
         assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
         # uvicorn re-raises the signal once it has shut down, so the status says SIGTERM.
         assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+
+
+def _timed(url: str, stream: bool, out: list) -> None:
+    body = {"prompt": "x", "max_tokens": 126, "temperature": 0, "stream": stream}
+    with httpx.Client(timeout=120) as client:
+        r = client.post(url + "/v1/completions", json=body)
+    out.append((r.status_code, r.text))
+
+
+def test_request_timeout_504_and_slot_freed(folders):
+    """Four requests of 126 tokens each behind one slot with a 0.25 s timeout: serving them all
+    in time would take 504 tokens in 0.25 s (2,000 tokens/s on one thread, far beyond this
+    model on any CPU), so the last ones time out whatever the machine's speed. A non-streamed
+    request gets 504 with an OpenAI-style body; a streamed one (already answered 200) gets the
+    error as its last event before ``data: [DONE]``; either way its slot or queue place is
+    freed at once."""
+    root, run, _ = folders
+    server = Server(run, root, "--max-batch", "1", "--max-queue", "8", "--max-tokens", "126",
+                    "--request-timeout", "0.25").wait_ready()
+    try:
+        for stream in (False, True):
+            out: list = []
+            threads = [threading.Thread(target=_timed, args=(server.url, stream, out))
+                       for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert len(out) == 4
+            timed_out = 0
+            for status, text in out:
+                if not stream:
+                    assert status in (200, 504), text
+                    if status == 504:
+                        err = json.loads(text)["error"]
+                        assert err["type"] == "timeout" and err["code"] == "timeout"
+                        assert "0.25 s" in err["message"]
+                        timed_out += 1
+                    continue
+                assert status == 200
+                events = [x[5:].strip() for x in text.splitlines() if x.startswith("data:")]
+                assert events[-1] == "[DONE]"
+                last = json.loads(events[-2])
+                if "error" in last:
+                    assert last["error"]["code"] == "timeout"
+                    timed_out += 1
+                else:
+                    assert last["choices"][0]["finish_reason"] in ("length", "stop")
+            assert timed_out >= 1, out
+            deadline = time.monotonic() + 30
+            while (h := _health(server.url))["running"] or h["waiting"]:
+                assert time.monotonic() < deadline, h
+                time.sleep(0.05)
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        assert 'smoe_requests_total{endpoint="/v1/completions",status="504"}' in metrics
     finally:
         server.stop()

@@ -10,9 +10,12 @@ Legend: B running requests in a decode step, T prompt tokens, V vocabulary.
 
 Each step is planned by a :class:`Scheduler` (plain data in, plain data out, testable without
 a model, after vLLM's v1 scheduler): the running requests decode one token each in one batched
-forward, and waiting requests are admitted into free KV-cache slots and prefilled (each alone,
-so no row is padding and the routing monitor sees only real tokens), up to a prefill token
-budget per step so that a long prompt does not stall the running streams for long. A running
+forward, and waiting requests are admitted into free KV-cache slots and prefilled, up to a
+prefill token budget per step so that a long prompt does not stall the running streams for
+long. The prompts admitted in one step are prefilled in one forward, packed end to end into
+one row (:class:`PackedPrompts`: each attends only to itself, its keys go to its own slot), so
+that no token is padding (padding would run through the experts and count in the routing
+monitor) and many short prompts cost one forward, not one each. A running
 request is never re-prefilled; a finished or aborted one frees its slot at once.
 
 Every request has its own slot of a :class:`~smoe.inference.cache.SlotCache` and its own
@@ -35,12 +38,14 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from smoe.inference.generate import sample_next
 
-__all__ = ["SamplingParams", "TokenEvent", "StepPlan", "Scheduler", "Engine", "NativeRunner"]
+__all__ = ["SamplingParams", "TokenEvent", "StepPlan", "Scheduler", "Engine", "NativeRunner",
+           "PackedPrompts"]
 
 
 @dataclass(frozen=True)
@@ -172,9 +177,64 @@ class NativeRunner:
         ids_1T = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         return self.model(ids_1T, cache=self.cache.select([slot])).logits[0, -1]
 
+    def prefill_many(self, slots: Sequence[int],
+                     prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prompts into fresh slots in one forward, packed into one row: each prompt's last
+        logits, (len(prompts), V)."""
+        packed = PackedPrompts(self.cache, slots, [len(p) for p in prompts])
+        ids_1T = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long,
+                              device=self.device)
+        return self.model(ids_1T, cache=packed).logits[0, packed.last_T]
+
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
         ids_B1 = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)[:, None]
         return self.model(ids_B1, cache=self.cache.select(slots)).logits[:, -1]
+
+
+class PackedPrompts:
+    """The cache protocol (see :mod:`smoe.inference.cache`) for prompts packed end to end into
+    one row of T tokens, each going into its own fresh slot of ``cache``: positions restart at
+    0 at every prompt, each token's key and value are stored in its prompt's slot at its
+    position, and the mask (1, T, T) lets a token see the tokens of its own prompt up to
+    itself (block-diagonal causal), i.e. what prefilling each prompt alone computes. The
+    packed prefill of sequence-packing trainers and of ragged-batch servers (vLLM, TGI);
+    here for slots of a :class:`~smoe.inference.cache.SlotCache`."""
+
+    def __init__(self, cache: Any, slots: Sequence[int], lengths: Sequence[int]) -> None:
+        if len(slots) != len(lengths) or not slots or min(lengths) < 1:
+            raise ValueError("give one slot and a length >= 1 for each prompt")
+        if any(cache.lengths[s] for s in slots):
+            raise ValueError(f"slots {list(slots)} must be fresh (length 0)")
+        self.cache, self.max_seq_len = cache, cache.max_seq_len
+        if max(lengths) > self.max_seq_len:
+            raise ValueError(f"a prompt of {max(lengths)} tokens does not fit in the cache's "
+                             f"max_seq_len={self.max_seq_len}")
+        dev = cache.k[0].device
+        lengths_P = torch.tensor(list(lengths), device=dev)
+        seg_T = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths_P)
+        starts_P = torch.cumsum(lengths_P, 0) - lengths_P
+        self.positions_1T = (torch.arange(int(lengths_P.sum()), device=dev)
+                             - starts_P[seg_T]).unsqueeze(0)
+        self.rows_1T = torch.tensor(list(slots), device=dev)[seg_T].unsqueeze(0)
+        pos_T = self.positions_1T[0]
+        self.mask_1TT = ((seg_T[:, None] == seg_T[None, :])
+                         & (pos_T[None, :] <= pos_T[:, None])).unsqueeze(0)
+        self.last_T = (starts_P + lengths_P - 1).tolist()
+        for s, n in zip(slots, lengths):
+            cache.lengths[s] = n
+
+    def next_positions(self, batch_size: int, num_tokens: int, device: Any) -> torch.Tensor:
+        if (batch_size, num_tokens) != tuple(self.positions_1T.shape):
+            raise ValueError(f"packed prompts are {tuple(self.positions_1T.shape)} tokens, "
+                             f"the forward gave ({batch_size}, {num_tokens})")
+        return self.positions_1T
+
+    def update(self, layer_idx: int, positions_BT: torch.Tensor, k_BHTd: torch.Tensor,
+               v_BHTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Advanced indices on dims 0 and 2 put (1, T) first: write (1, T, H, d).
+        self.cache.k[layer_idx][self.rows_1T, :, positions_BT] = k_BHTd.transpose(1, 2)
+        self.cache.v[layer_idx][self.rows_1T, :, positions_BT] = v_BHTd.transpose(1, 2)
+        return k_BHTd, v_BHTd, self.mask_1TT
 
 
 @dataclass
@@ -302,10 +362,22 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    def _emit(self, req: _Request, logits_V: torch.Tensor, events: list[TokenEvent]) -> None:
+    def _emit_rows(self, reqs: Sequence[_Request], logits_BV: torch.Tensor,
+                   events: list[TokenEvent]) -> None:
+        """Each row's next token: one arg-max and one host read for all greedy rows (what
+        :func:`sample_next` computes for each, row by row); sampled rows use their own
+        generators."""
+        greedy = [r.params.temperature == 0 for r in reqs]
+        best = logits_BV.float().argmax(dim=-1).tolist() if any(greedy) else None
+        for i, req in enumerate(reqs):
+            self._emit(req, logits_BV[i], events, best[i] if greedy[i] else None)
+
+    def _emit(self, req: _Request, logits_V: torch.Tensor, events: list[TokenEvent],
+              token: int | None = None) -> None:
         p = req.params
-        token = int(sample_next(logits_V[None].float(), p.temperature, p.top_p,
-                                req.generator)[0])
+        if token is None:
+            token = int(sample_next(logits_V[None].float(), p.temperature, p.top_p,
+                                    req.generator)[0])
         req.output_ids.append(token)
         reason = None
         if token in p.stop_token_ids:
@@ -320,7 +392,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """One step: decode every running request by one token (one batched forward), then
-        admit and prefill waiting requests (their first token). Returns the new events."""
+        admit and prefill waiting requests (their first token; one packed forward for all).
+        Returns the new events."""
         events: list[TokenEvent] = []
         self._drain_inbox(events)
         plan = self.scheduler.schedule()
@@ -331,12 +404,17 @@ class Engine:
         if decode:
             logits_BV = self.runner.decode([r.slot for r in decode],
                                            [r.output_ids[-1] for r in decode])
-            for i, req in enumerate(decode):
-                self._emit(req, logits_BV[i], events)
-        for rid in plan.prefill:
-            req = self._requests[rid]
+            self._emit_rows(decode, logits_BV, events)
+        admitted = [self._requests[rid] for rid in plan.prefill]
+        for req in admitted:
             req.slot = self.runner.allocate()
-            self._emit(req, self.runner.prefill(req.slot, req.prompt_ids), events)
+        many = getattr(self.runner, "prefill_many", None)
+        if len(admitted) > 1 and many is not None:
+            self._emit_rows(admitted, many([r.slot for r in admitted],
+                                           [r.prompt_ids for r in admitted]), events)
+        else:
+            for req in admitted:
+                self._emit(req, self.runner.prefill(req.slot, req.prompt_ids), events)
         return events
 
     def generate(self, prompts: Sequence[Sequence[int]],

@@ -34,6 +34,37 @@ def _error(status: int, message: str, **kw: Any) -> JSONResponse:
     return JSONResponse(oa.error_body(message, **kw), status_code=status, headers=headers)
 
 
+class _AuthAndCount:
+    """The API key on ``/v1/`` and the request counter by endpoint and status, as plain ASGI:
+    Starlette's ``@app.middleware("http")`` (BaseHTTPMiddleware) would pass every chunk of a
+    streamed answer through one more memory stream and task switch."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        requests, key = self.state.metrics.requests, self.state.config.api_key
+        if key is not None:
+            sent = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if sent != f"Bearer {key}":
+                requests.labels(path, "401").inc()
+                await _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                             type="authentication_error", code="invalid_api_key")(
+                    scope, receive, send)
+                return
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
     """The app serving ``state``'s model; with ``hybrid`` (a
     :class:`smoe.serve.hybrid.HybridServing`) ``state`` is the SMoE model and ``hybrid.dense``
@@ -72,18 +103,7 @@ def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
         return _error(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}",
                       param=param, code="invalid_type")
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if cfg.api_key is not None and path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
-                state.metrics.requests.labels(path, "401").inc()
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                              type="authentication_error", code="invalid_api_key")
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            state.metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_AuthAndCount, state=state)
 
     # -- plain endpoints -------------------------------------------------------------------
     @app.get("/health")
@@ -181,12 +201,15 @@ def create_app(state: ServerState, hybrid: Any = None) -> FastAPI:
                     raise oa.APIError(504, f"the request took longer than "
                                       f"{cfg.request_timeout:g} s", type="timeout",
                                       code="timeout")
-                try:
-                    ev = await asyncio.wait_for(sub.events.get(), min(remaining, 1.0))
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                try:  # a token already there costs no wait_for (which makes a task)
+                    ev = sub.events.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        ev = await asyncio.wait_for(sub.events.get(), min(remaining, 1.0))
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
                 now = time.monotonic()
                 if ev.token_id is not None:
                     state.metrics.observe("ttft" if last is None else "itl",

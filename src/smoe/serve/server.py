@@ -20,7 +20,8 @@ class ServeConfig:
     max_batch: KV-cache slots, i.e. requests decoded together. max_queue: requests waiting for
     a slot beyond those; more get 429 with Retry-After. max_tokens: the largest ``max_tokens``
     a request may ask for (more: 400); max_prompt_tokens: the longest prompt (default: the
-    context minus one). request_timeout: seconds before a request is aborted (504).
+    context minus one). max_prefill_tokens: prompt tokens the engine prefills per step (one
+    packed forward; at least one prompt whatever its length). request_timeout: seconds before a request is aborted (504).
     drain_timeout: seconds a graceful shutdown waits for running requests.
     metrics_detail: ``expert`` (per-expert series) or ``summary`` (per layer only).
     """
@@ -29,6 +30,7 @@ class ServeConfig:
     max_queue: int = 64
     max_tokens: int = 256
     max_prompt_tokens: int | None = None
+    max_prefill_tokens: int = 512
     api_key: str | None = None
     request_timeout: float = 300.0
     drain_timeout: float = 30.0
@@ -40,7 +42,8 @@ class ServeConfig:
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_tokens", "monitor_window_tokens", "retry_after_s"):
+        for name in ("max_batch", "max_tokens", "max_prefill_tokens", "monitor_window_tokens",
+                     "retry_after_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -81,6 +84,7 @@ def build_state(served: ServedModel, config: ServeConfig) -> ServerState:
     from smoe.serve.worker import EngineWorker
 
     engine = Engine(served.model, max_batch=config.max_batch,
+                    max_prefill_tokens=config.max_prefill_tokens,
                     force_dropless=config.force_dropless)
     monitor = None
     if any(True for _ in served.model.moe_layers()):

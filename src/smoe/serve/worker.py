@@ -37,6 +37,11 @@ class Submitted:
     start: float
 
 
+def _put_all(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for q, ev in items:
+        q.put_nowait(ev)
+
+
 class EngineWorker:
     """Runs ``engine.step()`` on a daemon thread. ``monitor_window_s``: close the routing
     monitor's window at least this often (so a quiet server's dashboard still moves)."""
@@ -133,9 +138,14 @@ class EngineWorker:
                     targets.append((entry, ev))
                     if ev.finished:
                         self._queues.pop(ev.request_id, None)
+        # One wake-up of each event loop per step, not one per token: every
+        # call_soon_threadsafe writes to the loop's self-pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
         for (loop, q), ev in targets:
+            by_loop.setdefault(loop, []).append((q, ev))
+        for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(q.put_nowait, ev)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the loop is closed (shutdown): nobody is listening
                 pass
 
