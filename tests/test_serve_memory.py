@@ -1,6 +1,6 @@
 """`smoe serve` with the memory transforms, as real servers on 127.0.0.1 (subprocesses killed by
 PID): experts offloaded behind a half-size cache (``--offload 0.5``, predict and lru) and a run
-quantized by ``smoe quantize`` (int4 experts, alone and offloaded). Each server's greedy
+quantized by ``smoe quantize`` (int4 experts and attention, alone and offloaded). Each server's greedy
 completions equal in-process greedy generation of the same model: the resident float model for
 the offloaded float run, the loaded quantized model for the quantized run. The engine batches
 requests, so the expected texts are compared on two prompts sent together too.
@@ -32,7 +32,7 @@ def quantized(folders):
     root, run, _ = folders
     out = root / "tiny-q4"
     assert cli_main(["quantize", str(run), "--experts", "int4", "--group-size", "32",
-                     "--out", str(out)]) == 0
+                     "--attention", "int4", "--out", str(out)]) == 0
     return out
 
 
