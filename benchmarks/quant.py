@@ -383,13 +383,14 @@ def decode_speed(rounds: int, steps: int) -> list[str]:
         lines.append(f"| {n} | {wb['experts'] / 2**20:.0f} MiB | {sb / 1e6:.1f} MB | "
                      f"{1e3 * step_s[n]:.2f} | {tps:.1f} | {tps / fp32_tps:.2f}x | {roof:.1f} | "
                      f"{100 * tps / roof:.0f}% |")
-    lines += ["", "Where a decode step's time goes (ms per step, timers around modules; one "
-              "timed pass per model after the rounds):", "",
+    lines += ["", "Where a decode step's time goes (ms per step, timers around modules; "
+              "medians of one pass per round, after the rounds):", "",
               "| model | total | attention | routing (router, dispatch, combine) | experts "
               "(kernels + casts) | rest (embed, norms, lm_head, Python) |",
               "|---|---|---|---|---|---|"]
     for n, m in models.items():
-        b = breakdown(m, steps)
+        passes = [breakdown(m, steps) for _ in range(max(1, rounds))]
+        b = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
         lines.append(f"| {n} | {b['total']:.2f} | {b['attention']:.2f} | {b['routing']:.2f} | "
                      f"{b['experts']:.2f} | {b['rest']:.2f} |")
     lines += [""] + kernel_alone(spec, rounds)
