@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     hw = measure_cpu(measure_decode=True)
     load_end = os.getloadavg()[0]
     rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in (hw.kernel_rates or {}).items())
-    lines = ["## `smoe plan --gpu cpu` against measured decode (benchmarks/plan_check.py)", "",
-             f"Command: `python benchmarks/plan_check.py {' '.join(sys.argv[1:])}`; torch "
+    lines = [f"Command: `python benchmarks/plan_check.py {' '.join(sys.argv[1:])}`; torch "
              f"{torch.__version__}, 1 thread; load average {load:.1f} at start, {load_end:.1f} "
              f"at the end, on {os.cpu_count()} cores. Measured here: read bandwidth "
              f"{hw.bandwidth / 1e9:.1f} GB/s; batch-1 kernel rates (GB/s of stored weights, "
