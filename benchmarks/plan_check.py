@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def run_folder(spec: dict, where: Path) -> Path:
     return where
 
 
-def measure(spec: dict, rounds: int) -> dict[str, float]:
+def build(spec: dict) -> dict:
     from smoe.inference.quantize import quantize
 
     base = build_random(spec)
@@ -70,16 +71,18 @@ def measure(spec: dict, rounds: int) -> dict[str, float]:
             quantize(m, group_size=128, **kw)
         models[name] = m
         gc.collect()
-    times: dict[str, list[float]] = {n: [] for n in models}
-    names = list(models)
-    for r in range(rounds + 1):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            s = decode_step_seconds(models[n], STEPS, PROMPT)
-            if r:
-                times[n].append(s)
-    del models, base
-    gc.collect()
-    return {n: 1 / statistics.median(v) for n, v in times.items()}
+    return models
+
+
+def predict(plan, hw, flags: list[str]) -> tuple[float, float]:
+    """(roofline, expected) tokens/s of ``smoe plan`` with ``flags`` on ``hw``."""
+    from smoe.plan.roofline import Schemes, hardware_plan
+
+    f = dict(zip(flags[::2], flags[1::2]))
+    out = hardware_plan(plan, hw, schemes=Schemes(f["--weights"], f.get("--experts"),
+                                                  f.get("--attention")),
+                        context=PROMPT + STEPS, kv_dtype="fp32", compare_offload=False)
+    return out["decode_tokens_per_s"], out["decode_expected"]["tokens_per_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,42 +93,58 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from smoe.plan import plan_from_path
     from smoe.plan.gpus import measure_cpu
-    from smoe.plan.roofline import Schemes, hardware_plan
 
     load = os.getloadavg()[0]
-    models = {"large (quant.py)": LARGE, "wide": WIDE}
-    measured = {name: measure(spec, a.rounds) for name, spec in models.items()}
-    hw = measure_cpu(measure_decode=True)
+    flops = measure_cpu(measure_bandwidth=False).flops   # once (batch-1 decode: unused)
+    specs = {"large (quant.py)": LARGE, "wide": WIDE}
+    models = {name: build(spec) for name, spec in specs.items()}
+    rows = [(mn, sn, flags) for mn in specs for sn, _, flags in SCHEMES]
+    got: dict[tuple, list[float]] = {r[:2]: [] for r in rows}
+    pred: dict[tuple, list[tuple[float, float]]] = {r[:2]: [] for r in rows}
+    hws = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plans = {mn: plan_from_path(run_folder(spec, Path(tmp) / mn.split()[0]))
+                 for mn, spec in specs.items()}
+        # Each round measures the hardware (bandwidth, kernel rates, overhead) and then every
+        # model, so the calibration and the decode it predicts see the same machine load.
+        for r in range(a.rounds + 1):
+            hw = replace(measure_cpu(measure_decode=True, measure_flops=False), flops=flops)
+            order = rows[r % len(rows):] + rows[:r % len(rows)]
+            for mn, sn, flags in order:
+                tps = 1 / decode_step_seconds(models[mn][sn], STEPS, PROMPT)
+                if r:
+                    got[(mn, sn)].append(tps)
+                    pred[(mn, sn)].append(predict(plans[mn], hw, flags))
+            if r:
+                hws.append(hw)
     load_end = os.getloadavg()[0]
-    rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in (hw.kernel_rates or {}).items())
+    med = statistics.median
+    bw = med(h.bandwidth for h in hws)
+    rates = ", ".join(f"{k} {med(h.kernel_rates[k] for h in hws) / 1e9:.1f}"
+                      for k in hws[0].kernel_rates)
+    overhead = med(h.layer_overhead for h in hws)
     lines = [f"Command: `python benchmarks/plan_check.py {' '.join(sys.argv[1:])}`; torch "
              f"{torch.__version__}, 1 thread; load average {load:.1f} at start, {load_end:.1f} "
-             f"at the end, on {os.cpu_count()} cores. Measured here: read bandwidth "
-             f"{hw.bandwidth / 1e9:.1f} GB/s; batch-1 kernel rates (GB/s of stored weights, "
-             f"{'x'.join(map(str, (4096, 1024)))} matrices from DRAM): {rates}; decode overhead "
-             f"{hw.layer_overhead * 1e6:.0f} us per layer (hidden-64 calibration model).", "",
+             f"at the end, on {os.cpu_count()} cores. Measured here (medians over the rounds): "
+             f"read bandwidth {bw / 1e9:.1f} GB/s; batch-1 kernel rates (GB/s of stored weights, "
+             f"4096x1024 matrices from DRAM): {rates}; decode overhead {overhead * 1e6:.0f} us "
+             "per layer (hidden-64 calibration model).", "",
              "Each prediction is `smoe plan RUN --gpu cpu FLAGS --kv-dtype fp32 --context "
              f"{PROMPT + STEPS} --json` on the model's run folder (`decode_tokens_per_s`: the "
-             "roofline; `decode_expected.tokens_per_s`: kernel rates + overhead), computed from "
-             "the hardware measured once in this process.", "",
+             "roofline; `decode_expected.tokens_per_s`: kernel rates + overhead). Every round "
+             "re-measures the hardware and then decodes every model (order rotated), so each "
+             "prediction and its measurement see the same load; the table gives medians over "
+             f"{a.rounds} rounds, and the ratios are medians of the per-round ratios.", "",
              "| model | weights | measured tokens/s | roofline tokens/s | measured / roofline | "
              "expected tokens/s | measured / expected | within 30% |",
              "|---|---|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as tmp:
-        for mname, spec in models.items():
-            plan = plan_from_path(run_folder(spec, Path(tmp) / mname.split()[0]))
-            for sname, _, flags in SCHEMES:
-                f = dict(zip(flags[::2], flags[1::2]))
-                out = hardware_plan(plan, hw, schemes=Schemes(f["--weights"], f.get("--experts"),
-                                                              f.get("--attention")),
-                                    context=PROMPT + STEPS, kv_dtype="fp32",
-                                    compare_offload=False)
-                roof = out["decode_tokens_per_s"]
-                exp = out["decode_expected"]["tokens_per_s"]
-                got = measured[mname][sname]
-                ok = "yes" if abs(got / exp - 1) <= 0.3 else "no"
-                lines.append(f"| {mname} | {sname} | {got:.1f} | {roof:.1f} | {got / roof:.2f} | "
-                             f"{exp:.1f} | {got / exp:.2f} | {ok} |")
+    for mn, sn, _ in rows:
+        g, pr = got[(mn, sn)], pred[(mn, sn)]
+        r_roof = med(x / p[0] for x, p in zip(g, pr))
+        r_exp = med(x / p[1] for x, p in zip(g, pr))
+        ok = "yes" if abs(r_exp - 1) <= 0.3 else "no"
+        lines.append(f"| {mn} | {sn} | {med(g):.1f} | {med(p[0] for p in pr):.1f} | "
+                     f"{r_roof:.2f} | {med(p[1] for p in pr):.1f} | {r_exp:.2f} | {ok} |")
     text = "\n".join(lines)
     print(text)
     if a.write:
