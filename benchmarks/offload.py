@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     t_res = statistics.median(resident) / len(tokens)
     rows, cold = [], None
     for budget in (0.25, 0.5, 0.75, 1.0):
-        for policy, extra in (("lru", 0), ("lfu", 0), ("predict", 1)) + (
-                (("predict", 0), ("predict", 2)) if budget == 0.5 else ()):
+        for policy, extra in (("lru", 0), ("lfu", 0), ("predict", 0)) + (
+                (("predict", 1), ("predict", 2)) if budget == 0.5 else ()):
             m = copy.deepcopy(model)
             store = store_dir / "experts.safetensors"
             off = offload(m, budget=budget, policy=policy, store=store, prefetch_extra=extra)

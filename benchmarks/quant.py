@@ -4,9 +4,11 @@
    matrices that fp32 weights exceed the last-level cache: fp32 and bf16 matmuls, int8 with
    bf16 / fp32 activations, int4 g32/g64/g128. Picks what the quantized experts call.
 2. Quality: validation loss (nats per byte) of a trained run per scheme against fp32.
-3. Decode: tokens/s of a random-weights model whose expert weights are >= 4x the LLC, fp32 vs
-   bf16 vs int8 vs int4 experts in the same process, interleaved, beside the roofline
-   (bytes read per token / measured memory bandwidth).
+3. Decode: tokens/s (decode steps only, prefill excluded) of a random-weights model whose
+   expert weights are >= 4x the LLC, fp32 vs bf16 / int8 / int4 experts (and int4 experts with
+   int8 / int4 attention) in the same process, interleaved, beside the roofline (bytes read per
+   step / measured memory bandwidth); where a step's time goes (attention, routing, expert
+   kernels, the rest); the int4 kernel alone, hot and cold.
 
 One intra-op thread everywhere (this 2-core machine is shared; 2 threads under contention
 collapse). Candidates interleaved in rounds; medians.
@@ -194,49 +196,204 @@ def hf_models() -> list[str]:
 
 
 # -- 3. decode speed on a large-weights model ---------------------------------------------------
-def decode_speed(rounds: int, new_tokens: int) -> list[str]:
+#: The large-weights model: 4 layers x 20 experts x (2*1536 + 1536) x 1024 x 4 B = 1.4 GiB of fp32
+#: expert weights, >= 4x the 300 MiB LLC of the machine this was written on.
+LARGE = dict(vocab_size=257, hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=4,
+             max_seq_len=256, moe=dict(hidden_size=1024, expert_size=1536, num_experts=20,
+                                       top_k=2))
+#: (row name, quantize() keywords or None for the fp32 model)
+DECODE_SCHEMES = [("fp32", None), ("bf16 experts", dict(experts="bf16")),
+                  ("int8 experts", dict(experts="int8")),
+                  ("int4 experts", dict(experts="int4")),
+                  ("int4 experts + int8 attention", dict(experts="int4", attention="int8")),
+                  ("int4 experts + int4 attention", dict(experts="int4", attention="int4"))]
+
+
+def build_random(spec: dict, seed: int = 0):
+    """A random-weights smoe model of ``spec`` (LARGE's shape), built on meta then filled."""
     from smoe.config import ModelConfig, MoEConfig
-    from smoe.inference import generate
-    from smoe.inference.quantize import quantize, weight_bytes
     from smoe.model import SMoETransformer
 
-    # Experts: 4 layers x 20 experts x (2*1536 + 1536) x 1024 x 4 B = 1.4 GiB fp32 >= 4 x 300 MiB.
-    moe = MoEConfig(hidden_size=1024, expert_size=1536, num_experts=20, top_k=2)
-    cfg = ModelConfig(vocab_size=257, hidden_size=1024, num_layers=4, num_heads=8,
-                      num_kv_heads=4, max_seq_len=256, moe=moe)
+    cfg = ModelConfig(**{**spec, "moe": MoEConfig(**spec["moe"])})
     with torch.device("meta"):
-        base = SMoETransformer(cfg)
-    base.to_empty(device="cpu")
-    torch.manual_seed(0)
-    base.reset_parameters()
-    base.eval()
-    models = {"fp32": base}
-    for s in ("bf16", "int8", "int4"):
-        m = copy.deepcopy(base)
-        quantize(m, experts=s, group_size=128)
-        models[f"{s} experts"] = m
+        model = SMoETransformer(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.reset_parameters()
+    return model.eval()
+
+
+def decode_models(spec: dict, schemes=DECODE_SCHEMES) -> dict:
+    from smoe.inference.quantize import quantize
+
+    base = build_random(spec)
+    models = {}
+    for name, kw in schemes:
+        m = base if kw is None else copy.deepcopy(base)
+        if kw:
+            quantize(m, group_size=128, **kw)
+        models[name] = m
         gc.collect()
-    prompt = list(range(10, 26))
-    cands = {n: (lambda m=m: generate(m, prompt, new_tokens, temperature=0.0))
-             for n, m in models.items()}
+    return models
+
+
+@torch.no_grad()
+def decode_step_seconds(model, steps: int, prompt_len: int = 16, on_start=None) -> float:
+    """Seconds per decode step (one new token, batch 1, KV cache), prefill excluded: a 16-token
+    prompt is prefilled, then ``steps`` greedy steps are timed as one block."""
+    from smoe.inference.cache import StaticCache
+
+    prompt = torch.arange(10, 10 + prompt_len)[None]
+    cache = StaticCache.for_model(model, 1, prompt_len + steps + 1)
+    logits = model(prompt, cache=cache).logits[:, -1]
+    if on_start is not None:
+        on_start()
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = model(logits.argmax(-1)[:, None], cache=cache).logits[:, -1]
+    return (time.perf_counter() - t) / steps
+
+
+def step_bytes(model, spec: dict) -> int:
+    """Bytes a decode step reads: the top-K experts of each layer + every other weight except the
+    embedding table (one row of it)."""
+    from smoe.inference.quantize import weight_bytes
+
+    wb = weight_bytes(model)
+    moe = spec["moe"]
+    per_expert = wb["experts"] / (spec["num_layers"] * moe["num_experts"])
+    embed = model.embed.weight
+    return int(spec["num_layers"] * moe["top_k"] * per_expert + wb["other"]
+               - embed.numel() * embed.element_size())
+
+
+@torch.no_grad()
+def breakdown(model, steps: int) -> dict[str, float]:
+    """Milliseconds per decode step in attention (projections, cache, SDPA), routing (router,
+    dispatch, combine), the experts' own compute (``expert_forward``: kernels and casts), and
+    the rest (embedding, norms, residuals, lm_head, sampling, Python between modules), by
+    wall-clock timers around modules (hooks) and around each ``expert_forward`` call."""
+    spent = {"attention": 0.0, "moe layer": 0.0, "experts": 0.0}
+    handles, patched = [], []
+
+    def timed(module, key):
+        def pre(mod, args):
+            mod._t0 = time.perf_counter()
+
+        def post(mod, args, out):
+            spent[key] += time.perf_counter() - mod._t0
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    for layer in model.layers:
+        timed(layer.attn, "attention")
+        timed(layer.ffn, "moe layer")
+        ex = layer.ffn.experts
+        fn = ex.expert_forward
+
+        def wrapped(x, e, fn=fn):
+            t = time.perf_counter()
+            y = fn(x, e)
+            spent["experts"] += time.perf_counter() - t
+            return y
+        ex.expert_forward = wrapped
+        patched.append(ex)
+    def reset() -> None:   # after the prefill: decode steps only
+        for k in spent:
+            spent[k] = 0.0
+    try:
+        decode_step_seconds(model, 2)
+        total = decode_step_seconds(model, steps, on_start=reset)
+    finally:
+        for h in handles:
+            h.remove()
+        for ex in patched:
+            del ex.expert_forward
+    out = {k: 1e3 * v / steps for k, v in spent.items()}
+    out["routing"] = out.pop("moe layer") - out["experts"]
+    out["total"] = 1e3 * total
+    out["rest"] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+def kernel_alone(spec: dict, rounds: int) -> list[str]:
+    """The int4 kernel and the fp32 matmul on one expert's gate/up matrix [2F, D] at batch 1:
+    the same matrix over and over (hot: it stays in cache; what the kernel's arithmetic allows)
+    and cycling over as many distinct matrices as the model's experts (cold: read from DRAM, as
+    in decoding); per-call time and achieved GB/s of weight bytes read."""
+    from smoe.inference.quantized_modules import _pack_cpu_int4, quantize_int4
+
+    moe = spec["moe"]
+    N, K, M = 2 * moe["expert_size"], moe["hidden_size"], moe["num_experts"] * spec["num_layers"]
+    torch.manual_seed(0)
+    w = [torch.randn(N, K) * 0.02 for _ in range(M)]
+    q4 = [(lambda q, sz: (_pack_cpu_int4(q), sz))(*quantize_int4(x, 128)) for x in w]
+    x32, xb = torch.randn(1, K), torch.randn(1, K).bfloat16()
+    b4 = q4[0][0].numel() * q4[0][0].element_size() + q4[0][1].numel() * 2
+    b32 = N * K * 4
+    reps = 8
+    cands = {
+        "int4 hot": lambda: [torch._weight_int4pack_mm_for_cpu(xb, q4[0][0], 128, q4[0][1])
+                             for _ in range(reps)],
+        "int4 cold": lambda: [torch._weight_int4pack_mm_for_cpu(xb, q[0], 128, q[1])
+                              for q in q4[:reps * 4]],
+        "fp32 hot": lambda: [torch.mm(x32, w[0].t()) for _ in range(reps)],
+        "fp32 cold": lambda: [torch.mm(x32, m.t()) for m in w[:reps * 4]],
+    }
     med = _medians(cands, rounds)
+    lines = [f"The kernel alone on one expert's gate/up matrix ({N} x {K}) at batch 1 (hot: the "
+             "same matrix, cache-resident; cold: cycling over distinct matrices, read from "
+             "DRAM):", "", "| kernel | us per call | GB/s of weights |", "|---|---|---|"]
+    for n, t in med.items():
+        calls = reps if "hot" in n else reps * 4
+        b = b4 if n.startswith("int4") else b32
+        lines.append(f"| {n} | {t / calls * 1e6:.0f} | {b * calls / t / 1e9:.1f} |")
+    return lines
+
+
+def decode_speed(rounds: int, steps: int) -> list[str]:
+    from smoe.inference.quantize import weight_bytes
+
+    models = decode_models(LARGE)
+    base = models["fp32"]
+    cands = {n: (lambda m=m: decode_step_seconds(m, steps)) for n, m in models.items()}
+    per_round: dict[str, list[float]] = {n: [] for n in models}
+    names = list(models)
+    for r in range(rounds + 1):   # round 0 warms up
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            s = cands[n]()
+            if r:
+                per_round[n].append(s)
+    step_s = {n: statistics.median(v) for n, v in per_round.items()}
     bw = bandwidth_gbs()
-    per_expert = {n: weight_bytes(m)["experts"] / (cfg.num_layers * moe.num_experts)
-                  for n, m in models.items()}
-    lines = [f"Model: D=1024, F=1536, E=20, top-2, 4 layers; fp32 expert weights "
-             f"{weight_bytes(base)['experts'] / 2**30:.2f} GiB (LLC 300 MiB); {new_tokens} new "
-             f"tokens after a 16-token prompt; measured read bandwidth {bw:.1f} GB/s (1 thread).",
-             "", "| experts | expert bytes | decode tokens/s | vs fp32 | roofline tokens/s | "
-                 "% of roofline |", "|---|---|---|---|---|---|"]
-    fp32_tps = new_tokens / med["fp32"]
+    spec = LARGE
+    lines = [f"Model: D=1024, F=1536, E=20, top-2, 4 layers, 8 heads / 4 KV heads, vocab 257; "
+             f"fp32 expert weights {weight_bytes(base)['experts'] / 2**30:.2f} GiB (LLC 300 "
+             f"MiB). Decode steps only (a 16-token prompt prefilled, then {steps} greedy steps "
+             f"timed; prefill excluded); medians over {rounds} interleaved rounds; measured read "
+             f"bandwidth {bw:.1f} GB/s (a 1 GiB `sum`, 1 thread, after the rounds).", "",
+             "| model | expert bytes | bytes read / step | ms / step | decode tokens/s | vs fp32 "
+             "| roofline tokens/s | % of roofline |", "|---|---|---|---|---|---|---|---|"]
+    fp32_tps = 1 / step_s["fp32"]
     for n, m in models.items():
         wb = weight_bytes(m)
-        # bytes read per decode token: K experts per layer + everything that is not an expert
-        per_token = cfg.num_layers * moe.top_k * per_expert[n] + wb["other"]
-        roof = bw * 1e9 / per_token
-        tps = new_tokens / med[n]
-        lines.append(f"| {n} | {wb['experts'] / 2**20:.0f} MiB | {tps:.1f} | "
-                     f"{tps / fp32_tps:.2f}x | {roof:.1f} | {100 * tps / roof:.0f}% |")
+        sb = step_bytes(m, spec)
+        roof = bw * 1e9 / sb
+        tps = 1 / step_s[n]
+        lines.append(f"| {n} | {wb['experts'] / 2**20:.0f} MiB | {sb / 1e6:.1f} MB | "
+                     f"{1e3 * step_s[n]:.2f} | {tps:.1f} | {tps / fp32_tps:.2f}x | {roof:.1f} | "
+                     f"{100 * tps / roof:.0f}% |")
+    lines += ["", "Where a decode step's time goes (ms per step, timers around modules; "
+              "medians of one pass per round, after the rounds):", "",
+              "| model | total | attention | routing (router, dispatch, combine) | experts "
+              "(kernels + casts) | rest (embed, norms, lm_head, Python) |",
+              "|---|---|---|---|---|---|"]
+    for n, m in models.items():
+        passes = [breakdown(m, steps) for _ in range(max(1, rounds))]
+        b = {k: statistics.median(p[k] for p in passes) for k in passes[0]}
+        lines.append(f"| {n} | {b['total']:.2f} | {b['attention']:.2f} | {b['routing']:.2f} | "
+                     f"{b['experts']:.2f} | {b['rest']:.2f} |")
+    lines += [""] + kernel_alone(spec, rounds)
     return lines
 
 
@@ -245,40 +402,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="a trained run for the quality table")
     p.add_argument("--val-batches", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--steps", type=int, default=24, help="decode steps timed per round")
     p.add_argument("--skip", action="append", default=[], choices=("kernels", "quality", "hf",
                                                                    "decode"))
-    p.add_argument("--write", action="store_true", help="replace the section in BENCHMARKS.md")
+    p.add_argument("--write", action="store_true",
+                   help="replace each part's block (<!-- quant-PART:start/end -->) in BENCHMARKS.md")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import platform
 
     cpu = platform.processor() or platform.machine()
-    out = ["## Quantized experts (benchmarks/quant.py)", "",
-           f"Command: `python benchmarks/quant.py {' '.join(sys.argv[1:])}`; torch "
-           f"{torch.__version__}, 1 thread, {cpu}; medians over {a.rounds} interleaved rounds; "
-           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared "
-           "machine: absolute times are inflated, ratios within a round are what to read).",
-           ""]
+    head = (f"Command: `python benchmarks/quant.py {' '.join(sys.argv[1:])}`; torch "
+            f"{torch.__version__}, 1 thread, {cpu}; load average at start "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
+    parts: dict[str, list[str]] = {}
     if "kernels" not in a.skip:
-        out += ["### Kernels at batch 1", ""] + kernels(a.rounds) + [""]
-        print("\n".join(out), flush=True)
+        parts["kernels"] = ["### Kernels at batch 1", "", head, ""] + kernels(a.rounds)
+        print("\n".join(parts["kernels"]), flush=True)
     if "quality" not in a.skip and a.run:
-        out += [f"### Validation loss per scheme ({a.run}, {a.val_batches} batches of 4)", ""]
-        out += quality(a.run, a.val_batches) + [""]
-        print("\n".join(out[-12:]), flush=True)
+        parts["quality"] = [f"### Validation loss per scheme ({a.run}, {a.val_batches} batches "
+                            "of 4)", "", head, ""] + quality(a.run, a.val_batches)
+        print("\n".join(parts["quality"]), flush=True)
     if "hf" not in a.skip:
-        out += ["### Patched transformers models (random weights)", ""] + hf_models() + [""]
+        parts["hf"] = ["### Patched transformers models (random weights)", "", head, ""] + \
+            hf_models()
+        print("\n".join(parts["hf"]), flush=True)
     if "decode" not in a.skip:
-        out += ["### Decode speed on a large-weights model (random weights)", ""]
-        out += decode_speed(a.rounds, a.new_tokens) + [""]
-    text = "\n".join(out)
-    print(text)
+        parts["decode"] = ["### Decode speed on a large-weights model (random weights)", "",
+                           head, ""] + decode_speed(a.rounds, a.steps)
+        print("\n".join(parts["decode"]), flush=True)
     if a.write:
         from smoe.bench import write_section
 
-        write_section(ROOT / "BENCHMARKS.md", text, "<!-- quant-bench:start -->",
-                      "<!-- quant-bench:end -->")
+        for name, lines in parts.items():   # each part its own block of the section
+            write_section(ROOT / "BENCHMARKS.md", "\n".join(lines), f"<!-- quant-{name}:start -->",
+                          f"<!-- quant-{name}:end -->")
     return 0
 
 

@@ -107,6 +107,31 @@ def test_predict_with_every_candidate_has_full_recall():
         off.close()
 
 
+def test_demand_fetch_does_not_wait_behind_queued_prefetches():
+    """With the prefetch thread blocked, the predictions of each layer queue up; a demand fetch
+    of a queued expert cancels it and loads it itself, so decoding finishes (and equals the
+    resident model) instead of waiting for the thread."""
+    import threading
+
+    model = _model(E=8)
+    want = generate(model, PROMPT, 8, temperature=0.0)
+    off = offload(model, budget=0.25, policy="predict", prefetch_extra=2)
+    gate = threading.Event()
+    off._pool.submit(gate.wait, 60)            # the worker is busy until the gate opens
+    got: list[torch.Tensor] = []
+    runner = threading.Thread(target=lambda: got.append(generate(model, PROMPT, 8,
+                                                                 temperature=0.0)))
+    try:
+        runner.start()
+        runner.join(timeout=60)
+        assert not runner.is_alive(), "decode waited for the blocked prefetch thread"
+        assert torch.equal(got[0], want)
+        assert off.prefetched == 0 and off.misses > 0   # every load was a demand load
+    finally:
+        gate.set()
+        off.close()
+
+
 def test_int4_experts_offloaded_equal_resident_int4():
     model = _model()
     quantize(model, experts="int4", group_size=32)

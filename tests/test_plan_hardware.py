@@ -204,6 +204,58 @@ def test_measure_cpu_gives_positive_figures():
     assert hw.name == "cpu" and hw.bandwidth > 1e8 and hw.flops > 1e8 and hw.memory > 1e9
 
 
+def test_measured_cpu_decode_model_has_positive_figures():
+    from smoe.plan.cpu import measure_kernel_rates, measure_layer_overhead
+
+    rates = measure_kernel_rates(16 << 20, repeats=1)
+    assert set(rates) == {"fp32", "bf16", "int8", "int4"} and min(rates.values()) > 1e7
+    assert 1e-7 < measure_layer_overhead(steps=2, repeats=1) < 1.0
+
+
+def _smoe_run_plan(tmp_path):
+    """A native smoe run's config (2 layers of hidden 256, 8 experts of 512, top-2) planned."""
+    from smoe.config import ModelConfig, MoEConfig
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=64, moe=MoEConfig(hidden_size=256, expert_size=512,
+                                                    num_experts=8, top_k=2))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "smoe-run",
+                                                      "model": cfg.to_dict()}))
+    return plan_from_path(tmp_path)
+
+
+def test_decode_expected_adds_kernel_rates_and_layer_overhead_by_hand(tmp_path):
+    plan = _smoe_run_plan(tmp_path)
+    rates = {"fp32": 8e9, "int4": 4e9}
+    hw = Hardware("cpu", 16e9, 10e9, 1e12, kernel_rates=rates, layer_overhead=250e-6)
+    d = hardware_plan(plan, hw, schemes=Schemes("fp32", "int4"), context=16, kv_dtype="fp32",
+                      compare_offload=False)
+    # By hand: per layer attention q,o 256x256 + k,v 128x256 (head 64, 2 KV heads) in fp32; the
+    # router 8x256 and two norms of 256 per layer, the final norm, an untied lm_head 300x256,
+    # all fp32 (kept parts follow --weights fp32) at the fp32 rate; top-2 experts of
+    # (2*512 + 512) x 256 int4 weights (4.125 bits) per layer at the int4 rate; KV cache
+    # 2 layers x 16 tokens x (2 x 128) fp32 at the bandwidth; 2 layers x 250 us.
+    attn = 2 * (2 * 256 * 256 + 2 * 128 * 256) * 4
+    kept = (2 * (8 * 256 + 2 * 256) + 256 + 300 * 256) * 4
+    experts = 2 * 2 * (3 * 512 * 256) * 4.125 / 8
+    kv = 2 * 16 * 2 * 128 * 4
+    step = (attn + kept) / 8e9 + experts / 4e9 + kv / 10e9 + 2 * 250e-6
+    e = d["decode_expected"]
+    assert e["step_seconds"] == pytest.approx(step, rel=0.01)
+    assert e["tokens_per_s"] == pytest.approx(1 / step, rel=0.01)
+    assert d["decode_tokens_per_s"] > e["tokens_per_s"]            # the roofline stays a bound
+    plain = hardware_plan(plan, Hardware("x", 16e9, 10e9, 1e12), context=16)
+    assert "decode_expected" not in plain                          # datasheet GPUs: roofline only
+
+
+def test_cli_layer_overhead_flag_reaches_the_json(tmp_path, capsys):
+    _smoe_run_plan(tmp_path)
+    assert main(["plan", str(tmp_path), "--json", "--gpu", "h100", "--layer-overhead-us",
+                 "100"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["decode_expected"]["overhead_seconds"] == pytest.approx(2 * 100e-6)
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 NEW_KEYS = {"kv_bytes_per_token", "kv_bytes", "fits", "gpus_needed", "decode_tokens_per_s",
@@ -247,6 +299,7 @@ def test_cli_table_and_cpu_with_given_bandwidth(capsys):
     (["--gpu", "cpu", "--gpu-bandwidth", "-5"], "--gpu-bandwidth must be > 0"),
     (["--ep", "3"], "--ep 3: ep=3 does not divide"),
     (["--ep", "0"], "--ep must be a positive integer"),
+    (["--layer-overhead-us", "-1"], "--layer-overhead-us must be >= 0"),
 ])
 def test_cli_bad_input_is_one_line(args, pattern, capsys):
     assert main(["plan", "mixtral-8x7b", *args]) == 2

@@ -25,10 +25,10 @@ import torch
 from smoe.cli import main as cli_main
 from smoe.config import ROUTERS, ModelConfig, MoEConfig
 from smoe.inference.quantize import FORMAT_VERSION, QuantConfig, quantize, weight_bytes
+from smoe.inference.quantized_linears import Int4Linear, Int8Linear, QuantizedLinear
 from smoe.inference.quantized_modules import (
     Int4Experts,
     Int8Experts,
-    Int8Linear,
     _pack_cpu_int4,
     _unpack_cpu_int4,
     dequantize_int4,
@@ -166,12 +166,12 @@ def _model(seed: int = 0, **moe) -> SMoETransformer:
 
 def _check_layerwise(model, layers, run) -> int:
     """Run ``run()`` on the quantized model while recording the input and output of every MoE
-    layer and Int8Linear; then hold each against its twin (the layer with dequantized fp32
-    experts, ``Int8Linear.reference()``) on the same input. Layer by layer, because a bf16
+    layer and quantized linear; then hold each against its twin (the layer with dequantized fp32
+    experts, ``QuantizedLinear.reference()``) on the same input. Layer by layer, because a bf16
     difference upstream may flip a later router's top-k choice: that is quantization, not a
     bug, and would make an end-to-end comparison meaningless. Returns the calls checked."""
     calls = []
-    modules = list(layers) + [m for m in model.modules() if isinstance(m, Int8Linear)]
+    modules = list(layers) + [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args[0], out)))
              for m in modules]
     try:
@@ -183,7 +183,7 @@ def _check_layerwise(model, layers, run) -> int:
     twins = {}
     for mod, x, out in calls:
         if id(mod) not in twins:
-            if isinstance(mod, Int8Linear):
+            if isinstance(mod, QuantizedLinear):
                 twins[id(mod)] = mod.reference()
             else:
                 twin = copy.copy(mod)   # shares router and shared experts; own experts slot
@@ -200,7 +200,8 @@ def _check_layerwise(model, layers, run) -> int:
 
 @pytest.mark.parametrize("experts,attention,dense", [("int8", "int8", "int8"),
                                                      ("int4", None, None), ("int4", "int8", None),
-                                                     ("bf16", None, "int8")])
+                                                     ("bf16", None, "int8"),
+                                                     ("int4", "int4", "int4")])
 def test_quantized_model_equals_its_twin(experts, attention, dense):
     model = _model()
     float_bytes = weight_bytes(model)["experts"]
@@ -208,7 +209,10 @@ def test_quantized_model_equals_its_twin(experts, attention, dense):
     ratio = {"int8": 4, "int4": 6, "bf16": 2}[experts]
     assert weight_bytes(model)["experts"] * ratio <= float_bytes * 1.05
     if attention:
-        assert isinstance(model.layers[0].attn.q_proj, Int8Linear)
+        linear = {"int8": Int8Linear, "int4": Int4Linear}[attention]
+        assert isinstance(model.layers[0].attn.q_proj, linear)
+    if dense:
+        assert all(type(m) is not torch.nn.Linear for m in model.layers[0].ffn.modules())
     idx = torch.randint(0, 257, (2, 24))
     layers = [layer for _, layer in model.moe_layers()]
     assert _check_layerwise(model, layers, lambda: (model(idx), model(idx[:1, :1]))) >= 4
@@ -225,7 +229,7 @@ def test_training_a_quantized_model_is_refused():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(experts="int3"), "experts='int3' is invalid"),
     (dict(experts="int4", group_size=48), "group_size=48 is invalid"),
-    (dict(experts="int8", attention="int4"), "attention='int4' is invalid"),
+    (dict(experts="int8", attention="int2"), "attention='int2' is invalid"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -242,6 +246,35 @@ def test_group_size_that_does_not_divide_changes_nothing():
         quantize(model, experts="int4", group_size=64, attention="int8")
     assert type(model.layers[0].ffn.experts) is before
     assert type(model.layers[0].attn.q_proj) is torch.nn.Linear
+
+
+def test_int4_attention_group_size_that_does_not_divide_changes_nothing():
+    torch.manual_seed(0)
+    m = MoEConfig(hidden_size=96, expert_size=128, num_experts=4, top_k=2)
+    model = SMoETransformer(ModelConfig(vocab_size=257, hidden_size=96, num_layers=1,
+                                        num_heads=4, num_kv_heads=2, max_seq_len=32, moe=m))
+    with pytest.raises(ValueError, match="does not divide the input width 96 of attention"):
+        quantize(model, experts="int8", group_size=64, attention="int4")
+    assert type(model.layers[0].attn.q_proj) is torch.nn.Linear
+    assert type(model.layers[0].ffn.experts) is not Int8Experts
+
+
+def test_int4_linear_state_dict_round_trips_after_the_kernel_layout():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=True)
+    q = Int4Linear.from_linear(lin, group_size=32)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        y = q(x)                                  # converts to the CPU kernel's layout
+        close(y, q.reference()(x))
+        assert (q.dequantized() - lin.weight).abs().max() < 0.15 * lin.weight.abs().max()
+    after = q.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fresh = Int4Linear(128, 48, bias=True, group_size=32)
+    fresh.load_state_dict(after)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), y)
 
 
 def test_newer_format_is_refused():

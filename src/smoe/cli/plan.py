@@ -22,7 +22,9 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
     hw = p.add_argument_group("hardware")
     hw.add_argument("--gpu", default=None,
                     help="a100-40gb, a100-80gb, h100-80gb, h200, b200, l40s, rtx-4090, mi300x, "
-                         "or cpu (measures this machine's memory bandwidth); default h100-80gb")
+                         "or cpu (measures this machine's memory bandwidth, and, without "
+                         "--gpu-bandwidth, its batch-1 kernel rates and per-layer decode "
+                         "overhead for an expected decode speed); default h100-80gb")
     hw.add_argument("--count", type=int, default=1, help="number of GPUs (default 1)")
     hw.add_argument("--gpu-memory", type=float, metavar="GB",
                     help="memory per GPU in GB (overrides the catalog)")
@@ -34,6 +36,10 @@ def register_plan(sub: argparse._SubParsersAction) -> None:
                          "(default 0.1); the rest is the budget for weights and KV cache")
     hw.add_argument("--gpu-flops", type=float, metavar="TFLOP/s",
                     help="peak bf16 TFLOP/s per GPU (overrides the catalog)")
+    hw.add_argument("--layer-overhead-us", type=float, default=None, metavar="US",
+                    help="host time per layer per decode step beyond reading weights, added to "
+                         "the expected decode time (--gpu cpu measures it on a small smoe "
+                         "model, with each scheme's batch-1 kernel rate)")
     w = p.add_argument_group("weights and cache")
     w.add_argument("--weights", default="bf16", help=f"scheme of all weights ({schemes}); "
                                                      "default bf16")

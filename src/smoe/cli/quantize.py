@@ -9,7 +9,8 @@ __all__ = ["register_quantize"]
 
 def register_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "quantize", help="write a quantized copy of a run (int8/int4 experts, int8 attention)",
+        "quantize", help="write a quantized copy of a run (int8/int4 experts, int8/int4 "
+                         "attention)",
         description="Quantize a trained run's weights for inference and write them as a new run "
                     "folder (packed integers and scales in safetensors; config.json gets a "
                     "'quantization' section). `smoe generate OUT` and `smoe eval OUT` run it.")
@@ -19,9 +20,10 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
                         "or bf16")
     p.add_argument("--group-size", type=int, default=128,
                    help="int4 group size along the input dimension: 32, 64 or 128 (default 128)")
-    p.add_argument("--attention", choices=("none", "int8"), default="none",
-                   help="scheme of the attention projections (default none: kept as trained)")
-    p.add_argument("--dense", choices=("none", "int8"), default="none",
+    p.add_argument("--attention", choices=("none", "int8", "int4"), default="none",
+                   help="scheme of the attention projections (default none: kept as trained; "
+                        "int4 uses --group-size)")
+    p.add_argument("--dense", choices=("none", "int8", "int4"), default="none",
                    help="scheme of shared experts and dense FFN layers (default none)")
     p.add_argument("--out", required=True, metavar="DIR", help="new run folder (must not exist "
                    "or be empty)")

@@ -11,7 +11,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a run or a local Hugging Face folder over an "
                                      "OpenAI-compatible HTTP API, with continuous batching, "
                                      "/metrics and a live /dashboard")
-    p.add_argument("model", metavar="MODEL", help="an smoe run folder or a local HF folder")
+    p.add_argument("model", metavar="MODEL", help="an smoe run folder (float or quantized by "
+                                                  "`smoe quantize`) or a local HF folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
@@ -41,6 +42,14 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                    help="serve a capacity-factor model dropless (else it is refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    g = p.add_argument_group("offloaded experts")
+    g.add_argument("--offload", type=float, default=None, metavar="FRACTION",
+                   help="keep this fraction of the expert bytes in memory; the rest is read "
+                        "from a memory-mapped store on demand (the same tokens)")
+    g.add_argument("--offload-policy", choices=("lru", "lfu", "predict"), default="predict",
+                   help="cache eviction, or lru + next-layer-router prefetch (predict)")
+    g.add_argument("--offload-store", default=None, metavar="PATH",
+                   help="the store file (default: a temporary file, removed at shutdown)")
     from smoe.cli.hybrid import add_hybrid_arguments
 
     add_hybrid_arguments(p)
@@ -55,6 +64,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         route = hybrid_config(a)  # validated before anything is loaded
         if not 0 <= a.port < 65536:
             raise ValueError(f"--port {a.port} must be in [0, 65535]")
+        if a.offload is not None and not 0 < a.offload <= 1:
+            raise ValueError(f"--offload {a.offload} must be a fraction in (0, 1]")
         config = ServeConfig(max_batch=a.max_batch, max_queue=a.max_queue,
                              max_prefill_tokens=a.max_prefill_tokens,
                              max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens,
@@ -70,18 +81,28 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         import uvicorn
 
-        served = load_served_model(a.model, device=device, name=a.served_model_name)
-        state = build_state(served, config)
-        if route is None:
-            app = create_app(state)
-        else:
-            from smoe.cli.hybrid import build_hybrid
+        served = load_served_model(a.model, device=device, name=a.served_model_name,
+                                   offload=a.offload, offload_policy=a.offload_policy,
+                                   offload_store=a.offload_store)
+        try:
+            state = build_state(served, config)
+            if route is None:
+                app = create_app(state)
+            else:
+                from smoe.cli.hybrid import build_hybrid
 
-            app = create_app(state, build_hybrid(a, route, config, device, served.name))
-        print(f"smoe serve: {served.name} on http://{a.host}:{a.port} "
-              f"(dashboard /dashboard, metrics /metrics)", flush=True)
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning",
-                    timeout_graceful_shutdown=int(a.drain_timeout) + 1)
+                app = create_app(state, build_hybrid(a, route, config, device, served.name))
+            off = served.offloader
+            extra = "" if off is None else (
+                f"; experts offloaded ({a.offload_policy}, {off.capacity} of "
+                f"{off.total_bytes // off.expert_bytes} in memory)")
+            print(f"smoe serve: {served.name} on http://{a.host}:{a.port} "
+                  f"(dashboard /dashboard, metrics /metrics){extra}", flush=True)
+            uvicorn.run(app, host=a.host, port=a.port, log_level="warning",
+                        timeout_graceful_shutdown=int(a.drain_timeout) + 1)
+        finally:
+            if served.offloader is not None:
+                served.offloader.close()
         return 0
 
     p.set_defaults(handler=run)

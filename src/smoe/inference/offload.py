@@ -280,6 +280,10 @@ class ExpertOffloader:
                 self.hits += 1
                 return slot
             future = self._inflight.get(key)
+            if future is not None and future.cancel():
+                # Queued behind other prefetches, not started: load it here instead of waiting.
+                del self._inflight[key]
+                future = None
         t0 = time.perf_counter()
         if future is not None:
             slot = future.result()
@@ -297,18 +301,25 @@ class ExpertOffloader:
         self.stall_s += time.perf_counter() - t0
         return slot
 
-    def _prefetch(self, key: tuple[int, int]) -> nn.Module:
-        try:
-            slot = self._load(*key)
-            with self._lock:
-                if key not in self._cache:
-                    self._insert(key, slot)
-                    self._unused_prefetch.add(key)
-                    self.prefetched += 1
-            return slot
-        finally:
-            with self._lock:
-                self._inflight.pop(key, None)
+    def _prefetch_many(self, futures: dict[tuple[int, int], Future]) -> None:
+        """The background job of one layer's prediction: load each expert in order of its
+        predicted rank, resolving its future (a demand fetch may cancel one not yet started)."""
+        for key, future in futures.items():
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                slot = self._load(*key)
+                with self._lock:
+                    if key not in self._cache:
+                        self._insert(key, slot)
+                        self._unused_prefetch.add(key)
+                        self.prefetched += 1
+                future.set_result(slot)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting demand fetch
+                future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._inflight.pop(key, None)
 
     # -- hooks: prediction and per-layer bookkeeping ----------------------------------------
     def _pre_hook(self, index: int):
@@ -326,14 +337,20 @@ class ExpertOffloader:
                 if bias is not None:
                     logits_TE = logits_TE.sigmoid() + bias
                 k = min(nxt.config.top_k + self.prefetch_extra, logits_TE.shape[-1])
-                guess = set(logits_TE.topk(k, dim=-1).indices.reshape(-1).tolist())
-            self._predicted[index + 1] = guess
+                # rank-major order: every token's first choice, then its second, ...
+                ranked = logits_TE.topk(k, dim=-1).indices.t().reshape(-1).tolist()
+            order = list(dict.fromkeys(ranked))
+            self._predicted[index + 1] = set(order)
             with self._lock:
-                todo = [(index + 1, e) for e in sorted(guess)
-                        if (index + 1, e) not in self._cache
-                        and (index + 1, e) not in self._inflight]
-                for key in todo:
-                    self._inflight[key] = self._pool.submit(self._prefetch, key)
+                futures = {(index + 1, e): Future() for e in order
+                           if (index + 1, e) not in self._cache
+                           and (index + 1, e) not in self._inflight}
+                self._inflight.update(futures)
+            if futures:
+                # One job per layer, not one per expert: each submit wakes the worker thread,
+                # and each wake-up hands it the GIL while the decode waits (profiled here:
+                # about 1 ms of the main thread per submit under load).
+                self._pool.submit(self._prefetch_many, futures)
         return hook
 
     def _post_hook(self, index: int):
@@ -385,11 +402,17 @@ class ExpertOffloader:
 # -- the transform ------------------------------------------------------------------------------
 @torch.no_grad()
 def offload(model: nn.Module, budget: float = 0.5, policy: str = "predict",
-            store: str | Path | None = None, *, prefetch_extra: int = 1,
+            store: str | Path | None = None, *, prefetch_extra: int = 0,
             device: torch.device | str | None = None) -> ExpertOffloader:
     """Move every MoE layer's experts to a memory-mapped safetensors ``store`` (a temporary
     file when None, removed by ``close()``) and serve them from a fast-tier cache of
     ``budget`` (see :class:`ExpertOffloader`). Validates everything before changing the model.
+
+    ``prefetch_extra``: candidates prefetched beyond each token's predicted top-K. They raise
+    recall (E8 top-2 at 50%: 0.79 -> 0.86 with one more) but cost loads; on a CPU, where the
+    prefetch thread's loads compete with the decode for cores and the GIL, the default 0 gave
+    the best tokens/s (BENCHMARKS.md, "Offloaded experts"); with a DMA link (host to GPU) more
+    candidates are cheap.
     """
     from smoe.inference.quantize import moe_layers_of
 

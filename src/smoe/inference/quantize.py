@@ -5,7 +5,7 @@
 
 A post-build transform (DESIGN.md): each MoE layer's ``experts`` is swapped for a module of
 :mod:`smoe.inference.quantized_modules` implementing the experts protocol, and attention / dense
-``nn.Linear`` modules for :class:`~smoe.inference.quantized_modules.Int8Linear`. ``nn/`` and
+``nn.Linear`` modules for :mod:`smoe.inference.quantized_linears` (int8 or int4). ``nn/`` and
 ``model.py`` learn nothing about it. Works for native smoe models (``model.moe_layers()``) and
 for transformers models patched by :func:`smoe.hf.patch` (``smoe.hf.patched_layers``; there the
 transformers model keeps owning its float expert tensors, which the patched layers no longer
@@ -32,25 +32,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from smoe.inference.quantized_modules import (
-    EXPERT_SCHEMES,
-    GROUP_SIZES,
-    Int8Linear,
-)
+from smoe.inference.quantized_linears import LINEAR_SCHEMES
+from smoe.inference.quantized_modules import EXPERT_SCHEMES, GROUP_SIZES
 
 __all__ = ["QuantConfig", "quantize", "prepare_quantized", "moe_layers_of", "save_quantized_run",
            "load_quantized", "quantization_of", "FORMAT_VERSION", "weight_bytes"]
 
 #: Version of the quantized run format this smoe writes and the newest it reads.
 FORMAT_VERSION = 1
-_LINEAR_SCHEMES = (None, "int8")
+_LINEAR_SCHEMES = (None, *LINEAR_SCHEMES)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """What :func:`quantize` does: the scheme of the routed experts (``int8``, ``int4``,
     ``bf16`` or None to leave them), of the attention projections and of the dense parts
-    (shared experts and dense FFN layers): ``int8`` or None; the int4 group size."""
+    (shared experts and dense FFN layers): ``int8``, ``int4`` or None; the int4 group size
+    (experts and linears alike)."""
 
     experts: str | None = "int4"
     attention: str | None = None
@@ -63,8 +61,8 @@ class QuantConfig:
                              f"{', '.join(EXPERT_SCHEMES)} (or None)")
         for name in ("attention", "dense"):
             if getattr(self, name) not in _LINEAR_SCHEMES:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be 'int8' "
-                                 "or None")
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be 'int8', "
+                                 "'int4' or None")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} is invalid: must be one of "
                              f"{', '.join(map(str, GROUP_SIZES))}")
@@ -158,13 +156,23 @@ def quantize(model: nn.Module, experts: str | None = "int4", attention: str | No
                                      if any(K % g == 0 for g in GROUP_SIZES) else
                                      f"group_size={cfg.group_size} does not divide the experts' "
                                      f"{what} ({K}) and no int4 group size does: use int8")
+    linears = {part: _linears(model, part) for part in ("attention", "dense")
+               if getattr(cfg, part) is not None}
+    for part, found in linears.items():
+        if getattr(cfg, part) == "int4":
+            for _, name, lin in found:
+                if lin.in_features % cfg.group_size:
+                    raise ValueError(f"group_size={cfg.group_size} does not divide the input "
+                                     f"width {lin.in_features} of {part} projection {name!r}: "
+                                     f"choose a group size that divides it, or {part}='int8'")
     for layer in layers:
         kwargs = {"group_size": cfg.group_size} if cfg.experts == "int4" else {}
         layer.experts = EXPERT_SCHEMES[cfg.experts].from_experts(layer.experts, **kwargs)
-    for part in ("attention", "dense"):
-        if getattr(cfg, part) == "int8":
-            for parent, name, lin in _linears(model, part):
-                setattr(parent, name, Int8Linear.from_linear(lin))
+    for part, found in linears.items():
+        scheme = getattr(cfg, part)
+        kwargs = {"group_size": cfg.group_size} if scheme == "int4" else {}
+        for parent, name, lin in found:
+            setattr(parent, name, LINEAR_SCHEMES[scheme].from_linear(lin, **kwargs))
     model.smoe_quantization = cfg
     model.eval()
     return cfg
@@ -184,11 +192,13 @@ def prepare_quantized(model: nn.Module, config: QuantConfig | dict[str, Any]) ->
                 layer.experts = EXPERT_SCHEMES[cfg.experts](
                     old.config, interleaved=bool(getattr(old, "interleaved", False)), **kwargs)
     for part in ("attention", "dense"):
-        if getattr(cfg, part) == "int8":
+        scheme = getattr(cfg, part)
+        if scheme is not None:
+            kwargs = {"group_size": cfg.group_size} if scheme == "int4" else {}
             for parent, name, lin in _linears(model, part):
                 with torch.device(lin.weight.device):
-                    setattr(parent, name, Int8Linear(lin.in_features, lin.out_features,
-                                                     bias=lin.bias is not None))
+                    setattr(parent, name, LINEAR_SCHEMES[scheme](
+                        lin.in_features, lin.out_features, bias=lin.bias is not None, **kwargs))
     model.smoe_quantization = cfg
     return model.eval()
 

@@ -1,5 +1,6 @@
-"""Quantized experts and linears: inference-only modules that ``smoe.inference.quantize`` swaps
-into a built model.
+"""Quantized experts: inference-only modules that ``smoe.inference.quantize`` swaps into a built
+model (the quantized linears for attention and dense parts, same schemes and kernels, are in
+:mod:`smoe.inference.quantized_linears`).
 
 Legend: E experts, N output rows of a projection, K its input width, g the int4 group size,
 A expert-sorted rows, R any rows of one expert.
@@ -43,9 +44,9 @@ from torch import nn
 from smoe.config import MoEConfig
 from smoe.nn.experts import Experts, ExpertsBase, activate
 
-__all__ = ["QuantizedExperts", "Int8Experts", "Int4Experts", "Bf16Experts", "Int8Linear",
-           "EXPERT_SCHEMES", "GROUP_SIZES", "quantize_int8", "quantize_int4",
-           "dequantize_int8", "dequantize_int4", "pack_nibbles", "unpack_nibbles"]
+__all__ = ["QuantizedExperts", "Int8Experts", "Int4Experts", "Bf16Experts", "EXPERT_SCHEMES",
+           "GROUP_SIZES", "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4",
+           "pack_nibbles", "unpack_nibbles"]
 
 GROUP_SIZES = (32, 64, 128)
 _INT4_CPU = hasattr(torch, "_weight_int4pack_mm_for_cpu")
@@ -212,16 +213,19 @@ class QuantizedExperts(ExpertsBase):
                                "train the float model and quantize it afterwards")
 
     def expert_forward(self, x_RD: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on rows x: bfloat16 from the first kernel to the second (the kernels read
+        and return bfloat16, and the activation of a bfloat16 product rounds no worse than the
+        kernel's own input cast), float32 only where biases are added."""
         self._check_inference()
         c = self.config
-        h = self._matmul(x_RD.to(torch.bfloat16), "in", e).float()
+        h = self._matmul(x_RD.to(torch.bfloat16), "in", e)
         b_in, b_down = getattr(self, self.in_name + "_bias"), self.down_proj_bias
         if b_in is not None:
-            h = h + b_in[e].float()
+            h = h.float() + b_in[e].float()
         a = activate(h, c.activation, c.activation_alpha, c.activation_limit, self.interleaved)
-        y = self._matmul(a.to(torch.bfloat16), "down", e).float()
+        y = self._matmul(a.to(torch.bfloat16), "down", e)
         if b_down is not None:
-            y = y + b_down[e].float()
+            y = y.float() + b_down[e].float()
         return y.to(x_RD.dtype)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor,
@@ -349,12 +353,13 @@ class Int4Experts(QuantizedExperts):
 
     def _matmul(self, x_RK: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         name = self._name(proj)
-        sz = getattr(self, name + "_scales_zeros")[e].to(x_RK.dtype)
+        sz = getattr(self, name + "_scales_zeros")[e]
         if self._kernel_fits and x_RK.device.type == "cpu":
             if not self._cpu_layout:
                 self._set_cpu_layout(True)
             q = getattr(self, name + "_qweight")[e]
-            return torch._weight_int4pack_mm_for_cpu(x_RK.contiguous(), q, self.group_size, sz)
+            return torch._weight_int4pack_mm_for_cpu(x_RK.contiguous(), q, self.group_size,
+                                                     sz.to(x_RK.dtype))
         # Guarded fallback: dequantize this expert's weight for the call.
         if self._cpu_layout:
             self._set_cpu_layout(False)
@@ -384,51 +389,3 @@ class Int4Experts(QuantizedExperts):
 
 EXPERT_SCHEMES: dict[str, type[QuantizedExperts]] = {
     "int8": Int8Experts, "int4": Int4Experts, "bf16": Bf16Experts}
-
-
-# -- linears (attention, dense MLPs) -----------------------------------------------------------
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights per output channel (bfloat16 activations into
-    ``torch._weight_int8pack_mm``); inference only. ``reference()`` is the fp32 twin."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
-        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
-        with torch.no_grad():
-            q.qweight, q.scales = quantize_int8(lin.weight.detach())
-            if lin.bias is not None:
-                q.bias = lin.bias.detach().float().clone()
-        return q.eval()
-
-    def reference(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(dequantize_int8(self.qweight, self.scales))
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            raise RuntimeError("Int8Linear is for inference only: call model.eval()")
-        x_RK = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        scales = self.scales.to(torch.bfloat16)
-        if _int8_kernel_fits(x_RK):
-            y = torch._weight_int8pack_mm(x_RK, self.qweight, scales)
-        else:
-            w = self.qweight.to(torch.bfloat16) * scales.unsqueeze(-1)
-            y = torch.mm(x_RK, w.t())
-        y = y.float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"

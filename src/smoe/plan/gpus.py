@@ -18,13 +18,20 @@ __all__ = ["GPUS", "LINKS", "Hardware", "Link", "custom", "gpu", "link", "measur
 
 @dataclass(frozen=True)
 class Hardware:
-    """One accelerator: ``memory`` bytes, ``bandwidth`` bytes/s, ``flops`` bf16 FLOP/s."""
+    """One accelerator: ``memory`` bytes, ``bandwidth`` bytes/s, ``flops`` bf16 FLOP/s, and
+    optionally what its decode reaches below the roofline (``kernel_rates``, ``layer_overhead``)."""
 
     name: str
     memory: float
     bandwidth: float
     flops: float
     source: str = "datasheet"
+    #: bytes of stored weights per second a batch-1 matmul reads, per scheme (measured for
+    #: ``cpu``: :func:`smoe.plan.cpu.measure_kernel_rates`); None: the bandwidth for every scheme.
+    kernel_rates: dict[str, float] | None = None
+    #: seconds per layer per decode step spent beyond reading weights (host dispatch, small
+    #: ops; :func:`smoe.plan.cpu.measure_layer_overhead`); 0 for the pure roofline.
+    layer_overhead: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,11 +108,12 @@ def _mem_total() -> float:
 
 
 def measure_cpu(nbytes: int = 512 << 20, repeats: int = 5, *, measure_bandwidth: bool = True,
-                measure_flops: bool = True) -> Hardware:
+                measure_flops: bool = True, measure_decode: bool = False) -> Hardware:
     """This machine as the "accelerator": RAM size, the read bandwidth of a timed ``sum`` over a
     ``nbytes`` float32 tensor (well beyond any last-level cache; best of ``repeats``) and the
-    float32 FLOP/s of a 2048^3 matmul (best of 3). A figure not measured is left at 0 for the
-    caller to fill. Needs torch (imported here only)."""
+    float32 FLOP/s of a 2048^3 matmul (best of 3); with ``measure_decode`` also each scheme's
+    batch-1 kernel rate and smoe's per-layer decode overhead (:mod:`smoe.plan.cpu`). A figure
+    not measured is left at 0 for the caller to fill. Needs torch (imported here only)."""
     import torch
 
     bandwidth = flops = 0.0
@@ -128,11 +136,19 @@ def measure_cpu(nbytes: int = 512 << 20, repeats: int = 5, *, measure_bandwidth:
             a @ a
             best = min(best, time.perf_counter() - t)
         flops = 2 * 2048**3 / best
+    rates, overhead = None, 0.0
+    if measure_decode:
+        from smoe.plan.cpu import measure_kernel_rates, measure_layer_overhead
+
+        rates = measure_kernel_rates(nbytes)
+        overhead = measure_layer_overhead()
     what = [f"sum over {nbytes >> 20} MiB float32"] if measure_bandwidth else []
     what += ["2048^3 float32 matmul"] if measure_flops else []
+    what += ["batch-1 kernel rates, per-layer decode overhead"] if measure_decode else []
     return Hardware("cpu", _mem_total(), bandwidth, flops,
                     source=f"measured: {', '.join(what) or 'memory size'}, "
-                           f"{torch.get_num_threads()} threads")
+                           f"{torch.get_num_threads()} threads",
+                    kernel_rates=rates, layer_overhead=overhead)
 
 
 def custom(base: Hardware | None, memory_gb: float | None, bandwidth_gbs: float | None,

@@ -4,6 +4,7 @@ the human-readable table of the hardware, roofline and communication figures."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 from smoe.plan.gpus import LINKS, Hardware, custom, gpu, measure_cpu
@@ -22,12 +23,18 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
     if name is None and (a.gpu_memory is not None and a.gpu_bandwidth is not None):
         return custom(None, a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
     name = name or DEFAULT_GPU
+    overhead = getattr(a, "layer_overhead_us", None)
+    if overhead is not None and not overhead >= 0:
+        raise ValueError(f"--layer-overhead-us must be >= 0, got {overhead}")
     if name.lower() == "cpu":
         custom(Hardware("cpu", 1, 1, 1), a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
         measured = measure_cpu(measure_bandwidth=a.gpu_bandwidth is None,
-                               measure_flops=a.gpu_flops is None)
-        return custom(measured, a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
-    return custom(gpu(name), a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
+                               measure_flops=a.gpu_flops is None,
+                               measure_decode=a.gpu_bandwidth is None)
+        hw = custom(measured, a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
+    else:
+        hw = custom(gpu(name), a.gpu_memory, a.gpu_bandwidth, a.gpu_flops)
+    return hw if overhead is None else replace(hw, layer_overhead=overhead * 1e-6)
 
 
 def comm_table(plan: PlanResult, ep: int, *, tokens: int, nodes_of: int | None,
@@ -132,6 +139,13 @@ def format_hardware(d: dict[str, Any]) -> str:
                  f"{_gb(d['decode_bytes_per_step'])} read per step -> "
                  f"{d['decode_tokens_per_s']:,.1f} tokens/s per sequence, "
                  f"{d['decode_tokens_per_s_batch']:,.1f} tokens/s for the batch")
+    if "decode_expected" in d:
+        e = d["decode_expected"]
+        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in e["kernel_rates"].items())
+        lines.append(f"decode expected with measured kernels ({rates or 'bandwidth'} GB/s) and "
+                     f"{e['layer_overhead'] * 1e6:.0f} us per layer: {e['tokens_per_s']:,.1f} "
+                     f"tokens/s per sequence ({e['step_seconds'] * 1e3:.2f} ms per step, "
+                     f"{e['overhead_seconds'] * 1e3:.2f} ms of it overhead)")
     lines.append(f"prefill: {d['prefill_flops']:.3g} FLOPs -> {d['prefill_seconds']:.3g} s "
                  "at peak")
     if "comm" in d:

@@ -140,6 +140,8 @@ def hardware_plan(plan: PlanResult, hw: Hardware, *, count: int = 1, schemes: Sc
     step_s = max(step_bytes / bw, step_flops / peak)
     bound = "memory" if step_bytes / bw >= step_flops / peak else "compute"
 
+    expected = _decode_expected(plan, hw, count, schemes, by_part, read_experts, kv_all, batch)
+
     prefill_flops = (2 * active * context + _attention_flops(plan, context)) * batch
     out: dict[str, Any] = {
         "hardware": {**hw.to_dict(), "count": count, "reserve": reserve},
@@ -158,12 +160,43 @@ def hardware_plan(plan: PlanResult, hw: Hardware, *, count: int = 1, schemes: Sc
         "decode_bound": bound, "decode_step_seconds": step_s,
         "decode_tokens_per_s": 1 / step_s, "decode_tokens_per_s_batch": batch / step_s,
         "experts_touched_per_layer": touched,
+        **({"decode_expected": expected} if expected else {}),
         "prefill_flops": prefill_flops, "prefill_seconds": prefill_flops / peak,
     }
     if offloaded and compare_offload:
         out["offload"].update(_offload_compare(plan, offloaded, per_expert, batch, hw, count,
                                                step_s, host, link_bandwidth))
     return out
+
+
+def _decode_expected(plan: PlanResult, hw: Hardware, count: int, schemes: Schemes,
+                     by_part: dict[str, float], read_experts: float, kv_all: float,
+                     batch: int) -> dict[str, Any] | None:
+    """Decode below the roofline, when ``hw`` carries measured kernel rates or a per-layer
+    overhead (``--gpu cpu``): each part's bytes read at its scheme's batch-1 kernel rate (capped
+    by the bandwidth), the KV cache at the bandwidth, plus ``layer_overhead`` per layer.
+    None for a pure-datasheet accelerator."""
+    if not hw.kernel_rates and not hw.layer_overhead:
+        return None
+    rates = hw.kernel_rates or {}
+    bw = hw.bandwidth * count
+
+    def rate(scheme: str) -> float:
+        return min(bw, rates.get(scheme, hw.bandwidth) * count)
+
+    seconds: dict[str, float] = {}
+    for g, b in by_part.items():
+        if g == "routed_experts":
+            b = read_experts
+        elif g == "embedding" and not plan.tie_word_embeddings:
+            continue   # one row per token
+        seconds[g] = b / rate(schemes.of(g))
+    seconds["kv_cache"] = kv_all / bw
+    overhead = hw.layer_overhead * plan.num_layers
+    step = sum(seconds.values()) + overhead
+    return {"step_seconds": step, "tokens_per_s": 1 / step, "tokens_per_s_batch": batch / step,
+            "weight_seconds_by_part": seconds, "overhead_seconds": overhead,
+            "kernel_rates": dict(rates), "layer_overhead": hw.layer_overhead}
 
 
 def _offload_compare(plan: PlanResult, offloaded: int, per_expert: float, batch: int,

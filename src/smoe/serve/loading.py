@@ -1,6 +1,8 @@
-"""What ``smoe serve MODEL`` serves: an smoe run folder, or a local Hugging Face folder (imported
-onto smoe's model, so that it runs on smoe layers and the continuous-batching engine), with its
-tokenizer and, when it has one, its chat template.
+"""What ``smoe serve MODEL`` serves: an smoe run folder (float, or quantized by ``smoe quantize``),
+or a local Hugging Face folder (imported onto smoe's model, so that it runs on smoe layers and the
+continuous-batching engine), with its tokenizer and, when it has one, its chat template; its
+experts optionally offloaded to a memory-mapped store behind a byte-budgeted cache
+(``smoe.inference.offload``, the same transform as ``smoe generate --offload``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class ServedModel:
     #: messages -> prompt text, or None when the model carries no chat template.
     chat_prompt: Callable[[list[dict[str, str]]], str] | None
     source: str
+    #: the :class:`~smoe.inference.offload.ExpertOffloader` when the experts are offloaded
+    #: (``close()`` it at shutdown: it removes a temporary store), else None.
+    offloader: Any = None
 
 
 def _load_run(run_dir: Path, device: str):
@@ -34,10 +39,26 @@ def _load_run(run_dir: Path, device: str):
     return load_run(run_dir, device=device)
 
 
-def load_served_model(path: str | Path, *, device: str = "cpu",
-                      name: str | None = None) -> ServedModel:
-    """Load MODEL for serving (FileNotFoundError / ValueError naming what is wrong)."""
-    path = Path(path)
+def load_served_model(path: str | Path, *, device: str = "cpu", name: str | None = None,
+                      offload: float | None = None, offload_policy: str = "predict",
+                      offload_store: str | Path | None = None) -> ServedModel:
+    """Load MODEL for serving (FileNotFoundError / ValueError naming what is wrong).
+
+    ``offload``: keep this fraction (0, 1] of the expert bytes in memory and read the rest from
+    ``offload_store`` (a temporary file when None) under ``offload_policy`` (lru, lfu, predict).
+    """
+    if offload is not None and not (isinstance(offload, (int, float)) and 0 < offload <= 1):
+        raise ValueError(f"offload={offload!r} must be a fraction in (0, 1] of the expert bytes")
+    served = _load_served(Path(path), device, name)
+    if offload is not None:
+        from smoe.inference.offload import offload as offload_experts
+
+        served.offloader = offload_experts(served.model, budget=offload, policy=offload_policy,
+                                           store=offload_store)
+    return served
+
+
+def _load_served(path: Path, device: str, name: str | None) -> ServedModel:
     if not path.is_dir():
         raise FileNotFoundError(f"MODEL {str(path)!r} is not a folder: give an smoe run folder "
                                 "or a local Hugging Face model folder")
