@@ -81,7 +81,10 @@ def _cheap_bash_lines() -> list[str]:
 
 
 @pytest.mark.parametrize("command", _cheap_bash_lines())
-def test_cheap_bash_line_runs(command, capsys):
+def test_cheap_bash_line_runs(command, capsys, tmp_path, monkeypatch):
+    # In an empty folder: a line that writes (``--out domain.safetensors``) leaves nothing in
+    # the checkout and finds nothing from an earlier run there.
+    monkeypatch.chdir(tmp_path)
     argv = shlex.split(command)[1:]
     assert cli_main(argv) == 0
     assert capsys.readouterr().out.strip()
