@@ -64,7 +64,6 @@ INVALID = [
     # scalars
     (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
     (dict(routed_scaling_factor=math.inf), "routed_scaling_factor"),
-    (dict(weights_on_input=True), "weights_on_input"),  # top_k 2
     (dict(activation_alpha=math.nan), "activation_alpha"),
     (dict(activation_limit=0.0), "activation_limit"),
     (dict(aux_loss_coef=-1e-2), "aux_loss_coef"),

@@ -187,6 +187,10 @@ CASES = [
     case("llama4_text", "e6k1-interleaved", intermediate_size=16, intermediate_size_mlp=48,
          num_local_experts=6, num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=2,
          num_hidden_layers=4),
+    # top-2 with the weights on the input, as transformers' own Llama 4 tester config runs it
+    # (every expert sees sigmoid(logit) * x; unchosen experts see 0 and give 0).
+    case("llama4_text", "e6k2", intermediate_size=16, intermediate_size_mlp=48,
+         num_local_experts=6, num_experts_per_tok=2, head_dim=8),
 ]
 # Families whose training-mode routing cannot be compared draw for draw: their gradients are
 # compared in eval mode. (Phi-3.5-MoE samples its experts in training; smoe draws the same

@@ -45,7 +45,7 @@ def layer_cases(draw, max_tokens=12, router=None, mode=None):
         router_bias=one_expert or draw(st.booleans()),
         num_shared_experts=num_shared,
         shared_expert_gate=bool(num_shared) and draw(st.booleans()),
-        weights_on_input=K == 1 and draw(st.booleans()),
+        weights_on_input=draw(st.booleans()),
         aux_loss_coef=0.01, z_loss_coef=0.001, seq_aux_loss_coef=0.001,
     )
     if router in ("softmax_topk", "sigmoid_bias"):

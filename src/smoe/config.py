@@ -94,7 +94,8 @@ class MoEConfig:
             ``ceil(capacity_factor * T * K / N)`` tokens; the rest are dropped by router priority.
             For ``expert_choice`` it is the paper's c (C = T * c / N); ``None`` means c = K.
         weights_on_input: multiply the router weight into the expert's input instead of its
-            output (Llama 4, top-1).
+            output: each chosen (token, expert) pair computes ``expert(w * x)`` (Llama 4; any
+            top_k, as transformers runs it).
     Experts:
         activation: one of :data:`ACTIVATIONS`; gated ones use a fused gate/up projection.
         expert_bias: biases on the expert projections (gpt-oss).
@@ -191,8 +192,6 @@ class MoEConfig:
         if self.group_score not in GROUP_SCORES:
             raise config_error("group_score", self.group_score,
                                f"must be one of {', '.join(GROUP_SCORES)}")
-        if self.weights_on_input and self.top_k != 1:
-            raise config_error("weights_on_input", True, "is only exact with top_k=1")
         _finite_number("activation_alpha", self.activation_alpha)
         _finite_number("activation_limit", self.activation_limit, minimum=0.0, strict=True)
         for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "bias_update_rate"):

@@ -155,6 +155,13 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
+def _needs_call(module: nn.Module) -> bool:
+    """Whether ``module(x)`` would do more than ``module.forward(x)``: any forward or backward
+    hook, its own or a global one."""
+    return bool(_has_hooks(module) or module._backward_hooks or module._backward_pre_hooks
+                or module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks)
+
+
 # -- one patched block ----------------------------------------------------------------------
 class _RouterReplay:
     """A router's ``forward`` while patched: the smoe decision inside the patched block's call,
@@ -244,6 +251,10 @@ class _Patch:
         impl_config = getattr(experts_module, "config", None)
         self.impl_config = (impl_config if hasattr(impl_config, "_experts_implementation")
                             else None)
+        # Its instance dict, read directly: ``vars(config)`` goes through the config class's
+        # __getattribute__ (a few microseconds per forward in transformers 5).
+        self._impl_dict: dict | None = (object.__getattribute__(impl_config, "__dict__")
+                                        if self.impl_config is not None else None)
         self.impl_seen = self._implementation()
 
         # (smoe module, name, source object, source name): re-checked on every forward.
@@ -345,9 +356,9 @@ class _Patch:
     def _implementation(self) -> str | None:
         # The instance dict, not the property: transformers configs have a slow
         # __getattribute__, and this runs on every call.
-        if self.impl_config is None:
+        if self._impl_dict is None:
             return None
-        return vars(self.impl_config).get("_experts_implementation_internal")
+        return self._impl_dict.get("_experts_implementation_internal")
 
     def _logits_dtype(self, x: torch.Tensor) -> torch.dtype:
         """dtype of the router linear in the original model."""
@@ -378,7 +389,10 @@ class _Patch:
                 amp = getattr(owner, name, None)
                 if amp:
                     x = x * torch.empty_like(x).uniform_(1.0 - amp, 1.0 + amp)
-        y, info = layer(x)
+        # The layer is not a submodule: only hooks put on it directly (a routing monitor on
+        # ``patched_layers``) or global ones need nn.Module.__call__; skipping it otherwise
+        # saves its dispatch on every call (tiny models feel it).
+        y, info = layer(x) if _needs_call(layer) else layer.forward(x)
         returns = self.spec.returns
         observed = _has_hooks(self.router)
         if observed or returns != "hidden":

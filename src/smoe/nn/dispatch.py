@@ -74,8 +74,9 @@ def plan_assignments(route: RouterOutput, num_experts: int, capacity: int | None
     if capacity is None:
         order_A = torch.argsort(expert_flat, stable=True)
         counts_E = torch.bincount(expert_flat, minlength=num_experts)
-        return Assignments(order_A // K, expert_flat[order_A], weights_TK.reshape(-1)[order_A],
-                           counts_E, zero, zero, None)
+        # div(rounding_mode=) is a C method; `//` goes through a Python wrapper (tiny batches).
+        return Assignments(order_A.div(K, rounding_mode="floor"), expert_flat[order_A],
+                           weights_TK.reshape(-1)[order_A], counts_E, zero, zero, None)
     # Lexicographic sort by (expert, slot, -weight, token) through stable sorts, last key first.
     weight_flat = weights_TK.detach().reshape(-1)
     order = torch.argsort(-weight_flat, stable=True)  # ties keep token order (flat = t*K + k)
