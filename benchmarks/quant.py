@@ -128,7 +128,12 @@ def quality(run_dir: str, batches: int) -> list[str]:
                ("int4 g32 experts", dict(experts="int4", group_size=32)),
                ("int8 experts + int8 attention", dict(experts="int8", attention="int8")),
                ("int4 g128 experts + int8 attention + int8 dense",
-                dict(experts="int4", group_size=128, attention="int8", dense="int8"))]
+                dict(experts="int4", group_size=128, attention="int8", dense="int8")),
+               # attention at experts' bits: does attention tolerate int4 as well as experts?
+               ("int8 experts + int4 g128 attention",
+                dict(experts="int8", attention="int4", group_size=128)),
+               ("int4 g128 experts + int4 g128 attention + int4 dense",
+                dict(experts="int4", group_size=128, attention="int4", dense="int4"))]
     base = None
     lines = ["| scheme | val loss (nats/byte) | change vs fp32 | expert bytes | total bytes |",
              "|---|---|---|---|---|"]
