@@ -130,6 +130,10 @@ class Block:
     output_bias: path of a bias added to the block's output (JetMoE).
     shared_combine: path of a ``"sum"`` / ``"average"`` setting for routed + shared outputs
         (Cohere2-MoE); ``None`` means sum.
+    output_norm: path of a module applied to the block's output (A.X-K1's
+        ``post_mlp_layernorm``).
+    unclamped: paths of SwiGLU clamp limits that must be off (``None``, 0 or infinite) for
+        smoe to compute the block (Step-3.7 clamps only some layers); a set limit is refused.
     """
 
     name: str
@@ -143,6 +147,8 @@ class Block:
     jitter: tuple[str, ...] = ()
     output_bias: str | None = None
     shared_combine: str | None = None
+    output_norm: str | None = None
+    unclamped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -209,6 +215,26 @@ LAGUNA = Routing("sigmoid", logits_out="float32", norm_eps=0.0, weights_out="inp
                  scale="block.routed_scaling_factor")
 #: Llama 4: sigmoid of the top-K logits, applied to the expert's input.
 LLAMA4 = Routing("llama4", weights_out="logits", returns="scores_logits")
+#: Mistral 4: softmax in the input dtype, group-limited (top-2 sums) choice, ``norm_topk_prob``
+#: with +1e-20, routed scaling.
+MISTRAL4 = Routing("softmax_topk", norm="norm_topk_prob", norm_eps=1e-20,
+                   scale="routed_scaling_factor", groups=True, weights_out="logits")
+#: Mistral Large 4: as Mistral 4 with float32 logits and always renormalised.
+MISTRAL_LARGE4 = Routing("softmax_topk", logits="float32", norm_eps=1e-20,
+                         scale="routed_scaling_factor", groups=True, weights_out="logits")
+#: A.X-K2: DeepSeek-V3's router with optional groups whose dropped experts score 0, not -inf.
+AXK2 = Routing("sigmoid", logits="float32", norm="norm_topk_prob",
+               scale="routed_scaling_factor", correction_bias="e_score_correction_bias",
+               groups=True)
+#: Beam: DeepSeek-V3's router; the block scales the routed output (``routed_scaling_factor``).
+BEAM = Routing("sigmoid", logits="float32", norm="norm_topk_prob",
+               scale="block.routed_scaling_factor", correction_bias="e_score_correction_bias",
+               groups=True)
+#: Step-3.7: input cast to the weight's dtype, float32 sigmoid, selection bias, always
+#: renormalised (no epsilon); the block scales the routed output.
+STEP3P7 = Routing("sigmoid", logits="weight", norm_eps=0.0,
+                  scale="block.routed_scaling_factor",
+                  correction_bias="e_score_correction_bias")
 #: Cohere2-MoE: top-K logits, then softmax or normalised sigmoid (``expert_selection_fn``).
 COHERE2 = Routing("cohere2", norm="norm_topk_prob", norm_eps=0.0, weights_out="input")
 
@@ -281,12 +307,26 @@ FAMILIES: dict[str, tuple[Block, ...]] = {
     "ernie4_5_moe": (Block("Ernie4_5_MoeSparseMoeBlock", ERNIE, shared="shared_experts"),),
     "kolibri1": (Block("Kolibri1SparseMoeBlock", KOLIBRI, shared="shared_experts"),),
     "laguna": (Block("LagunaSparseMoeBlock", LAGUNA, shared="shared_experts"),),
+    "mistral4": (Block("Mistral4MoE", MISTRAL4, shared="shared_experts"),),
+    "mistral_large4": (Block("MistralLarge4TextMoE", MISTRAL_LARGE4, shared="shared_experts"),),
+    "qwen3_vl_moe": (_qwen("Qwen3VLMoeText", QWEN_NORM),),
+    "qwen4_exp_text": (_qwen_shared("Qwen4ExpText"),),
+    "glm4v_moe": (_deepseek_v3("Glm4vMoeTextMoE"),),
+    "axk1": (Block("AXK1MoE", DEEPSEEK_V3, shared="shared_experts",
+                   output_norm="block.post_mlp_layernorm"),),
+    "axk2": (Block("AXK2MoE", AXK2, shared="shared_experts"),),
+    "beam": (Block("BeamMoE", BEAM),),
+    "step3p7": (Block("Step3p7SparseMoeBlock", STEP3P7, shared="shared_experts",
+                      unclamped=("block.experts.limit", "block.shared_experts.limit")),),
+    "deepseek_ocr2": (Block("DeepseekOcr2TextMoe", DEEPSEEK_V2, shared="shared_experts"),),
+    "unlimited_ocr": (Block("UnlimitedOcrTextMoe", DEEPSEEK_V2, shared="shared_experts"),),
     "llama4_text": (Block("Llama4TextMoe", LLAMA4, router="router", layout="llama4",
                           shared="shared_expert", returns="flat_hidden_and_logits"),),
 }
 # Composite models whose text decoder is one of the above.
 FAMILIES["llama4"] = FAMILIES["llama4_text"]
 FAMILIES["qwen3_5_moe"] = FAMILIES["qwen3_5_moe_text"]
+FAMILIES["qwen4_exp"] = FAMILIES["qwen4_exp_text"]
 
 #: block class name -> its row.
 BLOCKS: dict[str, Block] = {b.name: b for blocks in FAMILIES.values() for b in blocks}

@@ -54,7 +54,7 @@ Flows besides a plain forward:
   refused with a ``ValueError``.
 * Configs transformers accepts but smoe's own config would reject are computed as transformers
   does (group-limited routing with top_k above the kept groups' experts, where the result is
-  well defined) or refused with the exact difference (see ``_sigmoid_groups``).
+  well defined) or refused with the exact difference (see ``smoe.hf.blocks._groups``).
 * Phi-3.5-MoE in training samples its experts and uses SparseMixer's Heun gradient estimator,
   drawing the same random numbers in the same order as the original
   (:class:`smoe.hf.routers.HFRouter`): with the same seed a float32 model trains identically.
@@ -214,6 +214,12 @@ class _Patch:
         if router_weight.shape != (ex["E"], ex["D"]):
             raise ValueError(f"smoe.hf: {type(block).__name__} router weight has shape "
                              f"{tuple(router_weight.shape)}, expected {(ex['E'], ex['D'])}")
+        for path in spec.unclamped:
+            limit = _read(block, router, path)
+            if limit is not None and limit != 0 and limit != float("inf"):
+                raise ValueError(f"smoe.hf: {type(block).__name__} clamps its SwiGLU "
+                                 f"({path.split('.')[-2]} limit {limit}: silu(gate) capped, up "
+                                 "clamped to +-limit), which no smoe activation computes")
         mlp = getattr(block, spec.shared, None) if spec.shared else None
         shared_gate = getattr(block, spec.shared_gate, None) if spec.shared_gate else None
         shared_bias = False
@@ -297,6 +303,8 @@ class _Patch:
         self.jitter = [_owner(block, router, p) for p in spec.jitter]
         self.output_bias = (_owner(block, router, spec.output_bias) if spec.output_bias
                             else None)
+        self.output_norm = (getattr(*_owner(block, router, spec.output_norm))
+                            if spec.output_norm else None)
         self.average = (spec.shared_combine is not None and mlp is not None
                         and _read(block, router, spec.shared_combine) == "average")
         self._saved: dict[str, Any] = {}
@@ -404,6 +412,8 @@ class _Patch:
             y = y + getattr(*self.output_bias)
         if self.average:
             y = y / 2
+        if self.output_norm is not None:
+            y = self.output_norm(y)
         if returns == "hidden_and_weights":
             return y, routed[1]
         if returns == "flat_hidden_and_logits":
