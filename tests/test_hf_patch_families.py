@@ -70,6 +70,12 @@ MODEL_CASES = [
     case("axk2", "e6k2-nogroups", "axk2", "lm", intermediate_size=48, moe_intermediate_size=16,
          n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
          **MLA),
+    case("aria", "e6k2-shared", "aria_text", "lm", intermediate_size=16, moe_num_experts=6,
+         moe_topk=2, moe_num_shared_experts=1, head_dim=8),
+    case("dots3_note", "e8k2-groups", "dots3_note_text", "lm", intermediate_size=48,
+         moe_intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+         shared_experts_intermediate_size=16, n_group=2, topk_group=1, head_dim=8,
+         num_key_value_heads=4, first_k_dense_replace=0, routed_scaling_factor=2.0),
     case("beam", "e8k2-groups", "beam", "lm", intermediate_size=48, moe_intermediate_size=16,
          num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, head_dim=8,
          routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse"]),
@@ -147,6 +153,13 @@ BLOCK_CASES = [
                 intermediate_size=48, moe_intermediate_size=16, num_local_experts=6,
                 num_experts_per_tok=2, share_expert_dim=24, head_dim=8,
                 moe_router_scaling_factor=1.5),
+    _block_case("qwen3_omni_moe", "thinker-e6k2", "qwen3_omni_moe",
+                "Qwen3OmniMoeThinkerTextSparseMoeBlock", "qwen3_omni_moe_text",
+                moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2),
+    _block_case("qwen3_omni_moe", "talker-e6k3-shared-nonorm", "qwen3_omni_moe",
+                "Qwen3OmniMoeTalkerTextSparseMoeBlock", "qwen3_omni_moe_talker_text",
+                moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
+                num_experts_per_tok=3, norm_topk_prob=False),
     _block_case("deepseek_ocr2", "e8k3-group-limited", "deepseek_ocr2", "DeepseekOcr2TextMoe",
                 "deepseek_ocr2_text", intermediate_size=48, moe_intermediate_size=16,
                 num_experts=8, num_experts_per_tok=3, n_shared_experts=1, n_group=4,
@@ -224,3 +237,63 @@ def test_axk2_zero_masked_groups_with_negative_bias_are_refused():
     assert _max_diff(y, p_y) <= 1e-5
     for n, g in grads.items():
         assert _max_diff(g, p_grads[n]) <= 1e-4 * max(1.0, g.abs().max().item()), n
+
+
+# Every MoE family of transformers 5.23 that smoe recognises but cannot compute, as a tiny model
+# (transformers' default config with 2 layers, built on the meta device: only the module tree
+# matters) and the exact refusal. ``None`` as the block: the family has no routed experts.
+SMALL = dict(num_hidden_layers=2)
+REFUSED_CASES = [
+    ("hy_v4", "HYV4MoE", SMALL),
+    ("glm5_next", "Glm5NextTextMoE", {}),
+    ("deepseek_v4", "DeepseekV4SparseMoeBlock", SMALL),
+    ("nemotron_h", "NemotronHMoE", SMALL),
+    ("longcat_flash", "LongcatFlashMoE", SMALL),
+    ("gemma4_text", "Gemma4TextRouter", dict(SMALL, enable_moe_block=True, num_experts=8,
+                                               top_k_experts=2, moe_intermediate_size=16)),
+    ("diffusion_gemma", "DiffusionGemmaTextRouter",
+     dict(text_config=dict(SMALL, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                           moe_intermediate_size=16))),
+    ("ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeBlock", {}),
+    ("inkling_text", "InklingMoE", SMALL),
+    ("inkling2_text", "Inkling2SparseMoeBlock", SMALL),
+    ("minimax_m3_vl_text", "MiniMaxM3VLSparseMoeBlock", SMALL),
+    ("muse_spark_text", "MuseSparkMoE", SMALL),
+    ("zaya", "ZayaSparseMoeBlock", SMALL),
+    ("openai_privacy_filter", "OpenAIPrivacyFilterMLP", SMALL),
+    ("doge", "DogeCDMoE", dict(SMALL, is_moe=True, num_experts=64, num_experts_per_tok=4)),
+    ("nllb-moe", "NllbMoeSparseMLP", {}),
+    ("switch_transformers", "SwitchTransformersSparseMLP", {}),
+    ("vitpose_backbone", "VitPoseBackboneMoeMLP", dict(num_hidden_layers=2, num_experts=2)),
+    ("bamba", None, SMALL),
+]
+
+
+@pytest.mark.parametrize("model_type,block,kwargs", REFUSED_CASES,
+                         ids=[c[0] for c in REFUSED_CASES])
+def test_refused_family_names_the_missing_feature(model_type, block, kwargs):
+    from smoe.hf.families import NO_ROUTED_EXPERTS, REFUSED
+
+    config = AutoConfig.for_model(model_type, **kwargs)
+    with torch.device("meta"):
+        if model_type == "vitpose_backbone":  # a backbone: no AutoModel mapping
+            from transformers import VitPoseBackbone
+            model = VitPoseBackbone(config)
+        else:
+            model = AutoModel.from_config(config)
+    if block is None:
+        expected = f"smoe.hf.patch: nothing to patch: {NO_ROUTED_EXPERTS[model_type]}"
+    else:
+        assert block in {type(m).__name__ for m in model.modules()}
+        expected = f"smoe.hf.patch: {block} cannot run on smoe: {REFUSED[block]}"
+    with pytest.raises(ValueError) as err:
+        smoe.hf.patch(model)
+    assert str(err.value) == expected and "\n" not in expected
+    assert not smoe.hf.is_patched(model)
+
+
+def test_every_refusal_is_tested():
+    from smoe.hf.families import NO_ROUTED_EXPERTS, REFUSED
+
+    assert {c[1] for c in REFUSED_CASES if c[1]} == set(REFUSED)
+    assert {c[0] for c in REFUSED_CASES if c[1] is None} == set(NO_ROUTED_EXPERTS)

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Routing", "Block", "FAMILIES", "BLOCKS", "REFUSED", "SUPPORTED_FAMILIES"]
+__all__ = ["Routing", "Block", "FAMILIES", "BLOCKS", "REFUSED", "NO_ROUTED_EXPERTS",
+           "SUPPORTED_FAMILIES"]
 
 RULES = ("softmax_topk", "topk_softmax", "sigmoid", "deepseek_v2", "sparsemixer", "dbrx",
          "llama4", "cohere2")
@@ -235,6 +236,8 @@ BEAM = Routing("sigmoid", logits="float32", norm="norm_topk_prob",
 STEP3P7 = Routing("sigmoid", logits="weight", norm_eps=0.0,
                   scale="block.routed_scaling_factor",
                   correction_bias="e_score_correction_bias")
+#: Aria: top-K logits in the input dtype, softmax over those K.
+ARIA = Routing("topk_softmax", weights_out="logits")
 #: Cohere2-MoE: top-K logits, then softmax or normalised sigmoid (``expert_selection_fn``).
 COHERE2 = Routing("cohere2", norm="norm_topk_prob", norm_eps=0.0, weights_out="input")
 
@@ -320,6 +323,14 @@ FAMILIES: dict[str, tuple[Block, ...]] = {
                       unclamped=("block.experts.limit", "block.shared_experts.limit")),),
     "deepseek_ocr2": (Block("DeepseekOcr2TextMoe", DEEPSEEK_V2, shared="shared_experts"),),
     "unlimited_ocr": (Block("UnlimitedOcrTextMoe", DEEPSEEK_V2, shared="shared_experts"),),
+    "aria": (Block("AriaTextMoELayer", ARIA, router="router", layout="llama4",
+                   shared="shared_experts"),),
+    # Its vision tower's MoE (Dots3NoteVisionMoE, a router taking the bias as an argument) is
+    # left to run as it is; the text decoder's blocks are patched.
+    "dots3_note": (_deepseek_v3("Dots3NoteTextMoE"),),
+    # The thinker's blocks are Qwen3-MoE's, the talker's Qwen2-MoE's (gated shared expert).
+    "qwen3_omni_moe": (_qwen("Qwen3OmniMoeThinkerText"),
+                       _qwen_shared("Qwen3OmniMoeTalkerText")),
     "llama4_text": (Block("Llama4TextMoe", LLAMA4, router="router", layout="llama4",
                           shared="shared_expert", returns="flat_hidden_and_logits"),),
 }
@@ -327,6 +338,8 @@ FAMILIES: dict[str, tuple[Block, ...]] = {
 FAMILIES["llama4"] = FAMILIES["llama4_text"]
 FAMILIES["qwen3_5_moe"] = FAMILIES["qwen3_5_moe_text"]
 FAMILIES["qwen4_exp"] = FAMILIES["qwen4_exp_text"]
+FAMILIES["aria_text"] = FAMILIES["aria"]
+FAMILIES["dots3_note_text"] = FAMILIES["dots3_note"]
 
 #: block class name -> its row.
 BLOCKS: dict[str, Block] = {b.name: b for blocks in FAMILIES.values() for b in blocks}
@@ -337,9 +350,70 @@ REFUSED: dict[str, str] = {
     "HYV4MoE": "its experts use a clamped SwiGLU without gpt-oss's alpha and +1 "
                "(silu(min(gate, limit)) * clamp(up, -limit, limit)), which no smoe activation "
                "computes",
+    "Glm5NextTextMoE": "its experts use a clamped SwiGLU without gpt-oss's alpha and +1 "
+                       "(silu(min(gate, swiglu_limit)) * clamp(up, -limit, limit)), which no "
+                       "smoe activation computes",
+    "DeepseekV4SparseMoeBlock": "its experts use a clamped SwiGLU (silu(min(gate, swiglu_limit)) "
+                                "* clamp(up, -limit, limit)) that no smoe activation computes, "
+                                "and its hash_moe layers choose experts from a fixed token-id "
+                                "table (hash routing) that smoe's router does not have",
     "NemotronHMoE": "its experts are non-gated squared-ReLU MLPs (relu2), an activation smoe "
                     "does not have, optionally behind latent down/up projections "
                     "(moe_latent_size) that smoe's layer does not model",
+    "LongcatFlashMoE": "it routes tokens to zero-computation (identity) experts "
+                       "(zero_expert_num) alongside the real ones, which smoe's layer does not "
+                       "have",
+    "Gemma4TextRouter": "its router RMS-normalises and rescales its input (learned scale) and "
+                        "multiplies each routing weight by a learned per-expert scale, and its "
+                        "experts run inside the decoder layer next to a dense MLP rather than in "
+                        "a sparse MoE block",
+    "DiffusionGemmaTextRouter": "its router RMS-normalises and rescales its input (learned scale) "
+                                "and multiplies each routing weight by a learned per-expert "
+                                "scale, and its experts run inside the decoder layer next to a "
+                                "dense MLP rather than in a sparse MoE block",
+    "Ernie4_5_VLMoeMoeBlock": "it has modality-isolated experts: text and vision tokens go to "
+                              "two separate expert sets (chosen by moe_mm_token_type_ids), "
+                              "which smoe's single-router layer does not model",
+    "InklingMoE": "its shared experts are weighted per token by the router (their sigmoid "
+                  "scores normalised together with the routed top-K), where smoe's shared "
+                  "expert is unweighted or gated by its own linear",
+    "Inkling2SparseMoeBlock": "its experts use a soft-capped SwiGLU (softcap(gate) * "
+                              "sigmoid(gate) * softcap(up), in float32), which no smoe "
+                              "activation computes",
+    "MiniMaxM3VLSparseMoeBlock": "its shared expert stores gate and up in one fused Linear "
+                                 "(gate_up_proj) with gpt-oss's clamped SwiGLU, which smoe's "
+                                 "shared expert (separate gate/up projections, the routed "
+                                 "experts' activation) cannot bind without a copy",
+    "MuseSparkMoE": "its experts run in a projected latent width (pre_expert_proj, a centred "
+                    "RMS norm, post_expert_proj) and normalise each expert's output before "
+                    "weighting (post_expert_norm), which smoe's layer does not model",
+    "ZayaSparseMoeBlock": "its router is an MLP (down-projection, RMS norm, two GELU layers) "
+                          "whose state is carried from layer to layer, with an extra "
+                          "no-expert class; smoe's router is a single linear",
+    "OpenAIPrivacyFilterMLP": "its experts compute in float32 whatever the model's dtype (and "
+                              "divide the routing weights by top_k, multiplying the output "
+                              "back), which smoe's experts, computing in the model's dtype, "
+                              "do not reproduce",
+    "DogeCDMoE": "its experts are product-key retrieval experts (one up/down embedding row per "
+                 "expert, chosen by a product-key top-K over two sub-key halves), which smoe's "
+                 "layer does not have",
+    "NllbMoeSparseMLP": "it is encoder-decoder routing with expert capacity and token dropping "
+                        "(a top-2 router with expert_capacity, batch-prioritised routing and a "
+                        "sampled or random second expert), which smoe's dropless layer does "
+                        "not reproduce",
+    "SwitchTransformersSparseMLP": "it is encoder-decoder top-1 routing with expert capacity "
+                                   "and token dropping (expert_capacity) over non-gated "
+                                   "ReLU experts, which smoe's dropless layer does not "
+                                   "reproduce",
+    "VitPoseBackboneMoeMLP": "it has no routed experts: each sample's expert is picked by its "
+                             "dataset index (an input), not by a router",
+}
+
+#: ``model_type`` -> why a family listed by MoE searches has no routed experts at all (patch
+#: says so instead of the generic "no supported block" message).
+NO_ROUTED_EXPERTS: dict[str, str] = {
+    "bamba": "Bamba's decoder layers are Mamba-2 or attention layers with one dense MLP "
+             "(num_experts is fixed to 1): there are no routed experts",
 }
 
 #: The ``model_type`` of every family :func:`smoe.hf.patch` accepts.

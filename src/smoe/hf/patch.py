@@ -86,7 +86,7 @@ from smoe.hf.blocks import (
     _routing,
     experts_backend_for,
 )
-from smoe.hf.families import BLOCKS, REFUSED, SUPPORTED_FAMILIES, Block
+from smoe.hf.families import BLOCKS, NO_ROUTED_EXPERTS, REFUSED, SUPPORTED_FAMILIES, Block
 from smoe.hf.routers import HFRouter
 from smoe.nn.experts import DenseMLP
 from smoe.nn.moe import MoEInfo, MoELayer
@@ -465,6 +465,9 @@ def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
              if type(m).__name__ in BLOCKS]
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        if model_type in NO_ROUTED_EXPERTS:
+            raise ValueError(f"smoe.hf.patch: nothing to patch: "
+                             f"{NO_ROUTED_EXPERTS[model_type]}")
         raise ValueError(f"smoe.hf.patch: no sparse MoE block smoe can run in this "
                          f"{model_type!r} model; supported families: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
