@@ -340,6 +340,12 @@ FAMILIES["qwen3_5_moe"] = FAMILIES["qwen3_5_moe_text"]
 FAMILIES["qwen4_exp"] = FAMILIES["qwen4_exp_text"]
 FAMILIES["aria_text"] = FAMILIES["aria"]
 FAMILIES["dots3_note_text"] = FAMILIES["dots3_note"]
+FAMILIES["qwen3_vl_moe_text"] = FAMILIES["qwen3_vl_moe"]
+FAMILIES["glm4v_moe_text"] = FAMILIES["glm4v_moe"]
+FAMILIES["mistral_large4_text"] = FAMILIES["mistral_large4"]
+FAMILIES["deepseek_ocr2_text"] = FAMILIES["deepseek_ocr2"]
+FAMILIES["unlimited_ocr_text"] = FAMILIES["unlimited_ocr"]
+FAMILIES["step3p5"] = FAMILIES["step3p7"]  # Step-3.7's text config keeps the Step-3.5 name
 
 #: block class name -> its row.
 BLOCKS: dict[str, Block] = {b.name: b for blocks in FAMILIES.values() for b in blocks}
