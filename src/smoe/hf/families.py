@@ -13,16 +13,21 @@ the loaded modules, never copied from a default here.
 Routing rules (``Routing.rule``), each with the transformers code it mirrors:
 
 * ``softmax_topk``: softmax over all experts, top-K, optional renormalisation (Mixtral, Qwen-MoE,
-  OLMoE, Jamba, HunYuan). With K = 1 and renormalisation the weight is exactly 1, which smoe's
-  ``topk_softmax`` gives (a softmax over one logit); that rule is used then.
-* ``topk_softmax``: top-K logits, softmax over those K (GraniteMoE, JetMoE, gpt-oss).
+  OLMoE, Jamba, HunYuan, Qwen3-VL/Omni-MoE, Qwen4-Exp). With K = 1 and renormalisation the
+  weight is exactly 1, which smoe's ``topk_softmax`` gives (a softmax over one logit); that rule
+  is used then. Optional group-limited choice (``top2_sum`` groups of the softmax scores;
+  Mistral 4, Mistral Large 4): transformers scores dropped groups 0, below every kept expert's
+  positive probability, so the choice is smoe's -inf mask whenever K fits the kept groups.
+* ``topk_softmax``: top-K logits, softmax over those K (GraniteMoE, JetMoE, gpt-oss, Aria).
 * ``sigmoid``: sigmoid scores, optional selection-only bias (``e_score_correction_bias``),
   optional group-limited choice (``top2_sum`` groups), renormalisation with an epsilon, routed
   scaling (DeepSeek-V3 and the routers copied from it: DeepSeek-V3.2, GLM-4.5, GLM-MoE-DSA,
-  dots.llm1, Solar-Open, EXAONE-MoE, MiMo-V2-Flash, Kimi-Linear, Bailing-hybrid; and AFMoE,
-  MiniMax-M2, HY-V3, Flint, LFM2-MoE).
+  dots.llm1, Solar-Open, EXAONE-MoE, MiMo-V2-Flash, Kimi-Linear, Bailing-hybrid, GLM-4.5V,
+  dots.3-note, A.X-K1, A.X-K2, Beam; and AFMoE, MiniMax-M2, HY-V3, Flint, LFM2-MoE, Step-3.7).
+  A.X-K2 scores dropped groups 0 rather than -inf: the same choice while every biased score is
+  positive, refused with a negative selection bias.
 * ``deepseek_v2``: softmax, greedy or group-limited (``max`` groups) top-K, no renormalisation,
-  routed scaling.
+  routed scaling (also DeepSeek-OCR2's and Unlimited-OCR's text decoders).
 * ``sparsemixer``: Phi-3.5-MoE's top-2 rule (inference form; see :class:`smoe.nn.Router`).
 * ``dbrx``: softmax, top-K, weights divided by their p-norm (only p = 1, a plain
   renormalisation, or no normalisation can be expressed).
@@ -36,7 +41,8 @@ Expert layouts (``Block.layout``):
   Mixtral layout, smoe's own), optional ``*_bias``;
 * ``gpt_oss``: ``gate_up_proj`` [E, D, 2F] with interleaved gate/up columns, ``down_proj``
   [E, F, D], biases (read through ``Experts.transposed`` and ``Experts.interleaved``);
-* ``llama4``: ``gate_up_proj`` [E, D, 2F], ``down_proj`` [E, F, D] (``Experts.transposed``);
+* ``llama4``: ``gate_up_proj`` [E, D, 2F], ``down_proj`` [E, F, D] (``Experts.transposed``;
+  Llama 4, Aria);
 * ``dbrx``: ``mlp.w1``, ``mlp.v1``, ``mlp.w2``, each [E*F, D]
   (:class:`smoe.hf.experts.SplitExperts`);
 * ``jetmoe``: ``input_linear.weight`` [E, 2F, D] and ``output_linear.weight`` [E, D, F] on the
@@ -45,6 +51,10 @@ Expert layouts (``Block.layout``):
 Block outputs (``Block.returns``): ``hidden`` (same shape as the input), ``hidden_and_weights``
 (gpt-oss: also the [T, K] routing weights), ``flat_hidden_and_logits`` (Llama 4: [T, D] and the
 [T, E] router logits).
+
+Families with MoE code that smoe cannot compute exactly are refused by block class in
+:data:`REFUSED`, each message naming the missing feature; :data:`NO_ROUTED_EXPERTS` names the
+``model_type`` of families that MoE searches list but that have no routed experts.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ Flows besides a plain forward:
   drawing the same random numbers in the same order as the original
   (:class:`smoe.hf.routers.HFRouter`): with the same seed a float32 model trains identically.
 * Families smoe recognises but cannot compute (:data:`smoe.hf.families.REFUSED`) are refused
-  naming the missing feature.
+  naming the missing feature, as are blocks whose SwiGLU clamp is set (``Block.unclamped``:
+  Step-3.7's clamped layers); nothing is patched then.
 
 Limits: hooks that replace a module's ``forward`` themselves (accelerate's offloading) are not
 composed with. The router replay is not thread-safe while compiling (transformers' recorder
