@@ -534,9 +534,9 @@ def test_supported_families_are_all_tested():
     required = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe",
                 "granitemoe", "dbrx", "llama4_text"}
     assert required <= set(smoe.hf.SUPPORTED_FAMILIES)
-    from test_hf_patch_families import BLOCK_CASES, MODEL_CASES
+    from test_hf_patch_families import BLOCK_CASES, MODEL_CASES, OTHER_TESTED
 
-    tested = {p.values[0] for p in CASES + MODEL_CASES + BLOCK_CASES}
+    tested = {p.values[0] for p in CASES + MODEL_CASES + BLOCK_CASES} | OTHER_TESTED
     tested |= {"llama4", "qwen3_5_moe"}  # test_composite_models
     # A composite model_type whose text decoder's block rows are a tested family's.
     tested |= {f for f in smoe.hf.SUPPORTED_FAMILIES

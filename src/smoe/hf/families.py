@@ -50,7 +50,8 @@ Expert layouts (``Block.layout``):
 
 Block outputs (``Block.returns``): ``hidden`` (same shape as the input), ``hidden_and_weights``
 (gpt-oss: also the [T, K] routing weights), ``flat_hidden_and_logits`` (Llama 4: [T, D] and the
-[T, E] router logits).
+[T, E] router logits), ``flattened`` (ERNIE-4.5-VL: the input may be any selection of tokens
+flattened to 1-D; returns the output and the router logits, both flattened to 1-D).
 
 Families with MoE code that smoe cannot compute exactly are refused by block class in
 :data:`REFUSED`, each message naming the missing feature; :data:`NO_ROUTED_EXPERTS` names the
@@ -67,7 +68,7 @@ __all__ = ["Routing", "Block", "FAMILIES", "BLOCKS", "REFUSED", "NO_ROUTED_EXPER
 RULES = ("softmax_topk", "topk_softmax", "sigmoid", "deepseek_v2", "sparsemixer", "dbrx",
          "llama4", "cohere2")
 LAYOUTS = ("stacked", "gpt_oss", "llama4", "dbrx", "jetmoe")
-RETURNS = ("hidden", "hidden_and_weights", "flat_hidden_and_logits")
+RETURNS = ("hidden", "hidden_and_weights", "flat_hidden_and_logits", "flattened")
 ROUTER_RETURNS = ("logits_weights_indices", "logits", "scores_logits", "jetmoe")
 LOGITS_DTYPES = ("input", "float32", "weight")
 LOGITS_OUT_DTYPES = ("computed", "float32")
@@ -333,6 +334,9 @@ FAMILIES: dict[str, tuple[Block, ...]] = {
                       unclamped=("block.experts.limit", "block.shared_experts.limit")),),
     "deepseek_ocr2": (Block("DeepseekOcr2TextMoe", DEEPSEEK_V2, shared="shared_experts"),),
     "unlimited_ocr": (Block("UnlimitedOcrTextMoe", DEEPSEEK_V2, shared="shared_experts"),),
+    # Modality-isolated experts: the outer block sends text and vision tokens to two inner
+    # blocks (each an ERNIE-4.5 router and experts), both patched; the shared expert stays.
+    "ernie4_5_vl_moe": (Block("Ernie4_5_VLMoeSparseMoeBlock", ERNIE, returns="flattened"),),
     "aria": (Block("AriaTextMoELayer", ARIA, router="router", layout="llama4",
                    shared="shared_experts"),),
     # Its vision tower's MoE (Dots3NoteVisionMoE, a router taking the bias as an argument) is
@@ -355,6 +359,7 @@ FAMILIES["glm4v_moe_text"] = FAMILIES["glm4v_moe"]
 FAMILIES["mistral_large4_text"] = FAMILIES["mistral_large4"]
 FAMILIES["deepseek_ocr2_text"] = FAMILIES["deepseek_ocr2"]
 FAMILIES["unlimited_ocr_text"] = FAMILIES["unlimited_ocr"]
+FAMILIES["ernie4_5_vl_moe_text"] = FAMILIES["ernie4_5_vl_moe"]
 FAMILIES["step3p5"] = FAMILIES["step3p7"]  # Step-3.7's text config keeps the Step-3.5 name
 
 #: block class name -> its row.
@@ -387,9 +392,6 @@ REFUSED: dict[str, str] = {
                                 "and multiplies each routing weight by a learned per-expert "
                                 "scale, and its experts run inside the decoder layer next to a "
                                 "dense MLP rather than in a sparse MoE block",
-    "Ernie4_5_VLMoeMoeBlock": "it has modality-isolated experts: text and vision tokens go to "
-                              "two separate expert sets (chosen by moe_mm_token_type_ids), "
-                              "which smoe's single-router layer does not model",
     "InklingMoE": "its shared experts are weighted per token by the router (their sigmoid "
                   "scores normalised together with the routed top-K), where smoe's shared "
                   "expert is unweighted or gated by its own linear",

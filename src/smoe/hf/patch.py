@@ -389,6 +389,8 @@ class _Patch:
         if layer.training != block.training:
             layer.train(block.training)
         x = hidden_states
+        if self.spec.returns == "flattened":  # a 1-D selection of tokens (ERNIE-4.5-VL)
+            x = x.reshape(-1, layer.config.hidden_size)
         logits_dtype = self._logits_dtype(x)
         in_float32 = logits_dtype == torch.float32
         if layer.router.logits_in_float32 != in_float32:  # nn.Module.__setattr__ is slow
@@ -419,6 +421,8 @@ class _Patch:
             return y, routed[1]
         if returns == "flat_hidden_and_logits":
             return y.reshape(-1, y.shape[-1]), routed[1]
+        if returns == "flattened":
+            return y.flatten(), routed[0].flatten()
         return y
 
     def _router_output(self, x_TD: torch.Tensor, info: MoEInfo,
