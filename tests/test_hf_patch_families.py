@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E4
 import smoe.hf  # noqa: E402
 from smoe.hf.families import BLOCKS  # noqa: E402
 
-from test_hf_patch import BASE, MLA, VOCAB, _init_, _inputs, _max_diff  # noqa: E402
+from test_hf_patch import BASE, MLA, _init_, _inputs, _max_diff  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 
