@@ -174,7 +174,8 @@ def experts_backend_for(implementation: str | None) -> str:
 def _check_zero_mask(name: str, bias: Any) -> None:
     """A.X-K2 gives the experts of dropped groups a choice score of 0, not -inf. Sigmoid scores
     are positive, so with a non-negative selection bias every kept expert outscores 0 and the
-    choice is smoe's; a negative bias can push a kept expert below a dropped one."""
+    choice is smoe's; a negative bias can push a kept expert below a dropped one. Checked when
+    patching: a bias moved negative afterwards (balancing updates) is not re-checked."""
     if bias is not None and bool((bias < 0).any()):
         raise ValueError(f"smoe.hf: {name} scores the experts of dropped groups 0 (not -inf) and "
                          "its e_score_correction_bias has negative entries, so a dropped "
