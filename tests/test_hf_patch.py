@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import smoe.hf  # noqa: E402
-from smoe.hf.families import BLOCKS  # noqa: E402
+from smoe.hf.families import BLOCKS, FAMILIES  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -534,7 +534,13 @@ def test_supported_families_are_all_tested():
     required = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe",
                 "granitemoe", "dbrx", "llama4_text"}
     assert required <= set(smoe.hf.SUPPORTED_FAMILIES)
-    tested = {p.values[0] for p in CASES} | {"llama4", "qwen3_5_moe"}  # test_composite_models
+    from test_hf_patch_families import BLOCK_CASES, MODEL_CASES, OTHER_TESTED
+
+    tested = {p.values[0] for p in CASES + MODEL_CASES + BLOCK_CASES} | OTHER_TESTED
+    tested |= {"llama4", "qwen3_5_moe"}  # test_composite_models
+    # A composite model_type whose text decoder's block rows are a tested family's.
+    tested |= {f for f in smoe.hf.SUPPORTED_FAMILIES
+               if any(FAMILIES[f] is FAMILIES[t] for t in tested)}
     assert set(smoe.hf.SUPPORTED_FAMILIES) == tested
 
 

@@ -22,12 +22,21 @@ DEFAULT_FIXES = {
     "deepseek_v2": {"num_experts_per_tok": 6},
     "dots1": {"n_routed_experts": 128, "num_experts_per_tok": 8, "n_shared_experts": 2},
     "glm4_moe": {"head_dim": 128},
+    "glm4v_moe": {"text_config": {"head_dim": 128}},
+    "glm4v_moe_text": {"head_dim": 128},
     "hunyuan_v1_moe": {"head_dim": 128, "rope_theta": 10000.0},
     "lfm2_moe": {"layer_types": ["full_attention"] * 32},
 }
 #: Larger generic-row errors, explained: JetMoE's attention is itself a mixture of experts
 #: (MoA: per-expert query/output projections), which the generic row counts as plain GQA.
 GENERIC_ERROR_EXCEPTIONS = {"jetmoe": 0.20}
+#: smoe.hf families whose transformers default config builds no causal-LM model (vision-language
+#: and omni composites, text decoders registered only under AutoModel, defaults that leave a
+#: size unset): planned above, but with no transformers count to compare against.
+NO_CAUSAL_LM = {"aria", "deepseek_ocr2", "deepseek_ocr2_text", "glm4v_moe", "glm4v_moe_text",
+                "mistral4", "mistral_large4", "mistral_large4_text", "qwen3_omni_moe",
+                "qwen3_vl_moe", "qwen3_vl_moe_text", "qwen4_exp", "qwen4_exp_text", "step3p5",
+                "step3p7", "unlimited_ocr", "unlimited_ocr_text"}
 
 
 def test_the_family_list_is_smoe_hf_s():
@@ -79,7 +88,7 @@ def test_every_smoe_hf_family_is_planned_and_close_to_transformers():
             assert any("generic" in n for n in result.notes), model_type
             assert err <= GENERIC_ERROR_EXCEPTIONS.get(model_type, GENERIC_MAX_ERROR), \
                 (model_type, err)
-    assert built >= len(hf_families()) - 3, errors
+    assert built >= len(hf_families()) - len(NO_CAUSAL_LM) - 3, errors
 
 
 @pytest.mark.parametrize("name, arch", [

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from smoe.hf.families import Block
+from smoe.hf.families import AXK2, Block
 
 __all__ = ["EXPERTS_IMPLEMENTATIONS", "experts_backend_for"]
 
@@ -127,13 +127,24 @@ def _routing(block: nn.Module, router: nn.Module, spec: Block) -> dict[str, Any]
     if rule == "softmax_topk":
         # A renormalised top-1 weight is exactly 1: a softmax over the one chosen logit.
         kw["router"] = "topk_softmax" if norm and top_k == 1 else "softmax_topk"
+        if r.groups:  # Mistral 4: softmax scores, dropped groups scored 0 (below every kept one)
+            E = _read(block, router, r.weight).shape[0]
+            groups = _groups(name, router, top_k, E)
+            if groups["n_groups"] > 1 and kw["router"] == "topk_softmax":
+                raise ValueError(f"smoe.hf: {name} renormalises a single expert (top_k=1) under "
+                                 "group-limited routing, which smoe's routers do not combine; "
+                                 "use top_k > 1 or n_group=1")
+            kw.update(groups)
     elif rule == "topk_softmax":
         kw["router"] = "topk_softmax"
     elif rule in ("sigmoid", "llama4"):
         kw.update(router="sigmoid_bias", norm_topk_eps=r.norm_eps)
         if r.groups:
             E = _read(block, router, r.weight).shape[0]
-            kw.update(_sigmoid_groups(name, router, top_k, E))
+            groups = _groups(name, router, top_k, E)
+            if groups["n_groups"] > 1 and r is AXK2:
+                _check_zero_mask(name, _read(block, router, r.correction_bias))
+            kw.update(groups)
         if rule == "llama4":
             kw.update(norm_topk_prob=False, weights_on_input=True)
     elif rule == "sparsemixer":
@@ -160,7 +171,19 @@ def experts_backend_for(implementation: str | None) -> str:
     return EXPERTS_IMPLEMENTATIONS[implementation]
 
 
-def _sigmoid_groups(name: str, router: nn.Module, top_k: int, E: int) -> dict[str, int]:
+def _check_zero_mask(name: str, bias: Any) -> None:
+    """A.X-K2 gives the experts of dropped groups a choice score of 0, not -inf. Sigmoid scores
+    are positive, so with a non-negative selection bias every kept expert outscores 0 and the
+    choice is smoe's; a negative bias can push a kept expert below a dropped one. Checked when
+    patching: a bias moved negative afterwards (balancing updates) is not re-checked."""
+    if bias is not None and bool((bias < 0).any()):
+        raise ValueError(f"smoe.hf: {name} scores the experts of dropped groups 0 (not -inf) and "
+                         "its e_score_correction_bias has negative entries, so a dropped "
+                         "expert can outrank a kept one; smoe's group limit drops them always. "
+                         "Use n_group=1 or a non-negative bias")
+
+
+def _groups(name: str, router: nn.Module, top_k: int, E: int) -> dict[str, int]:
     """Group-limited routing of a DeepSeek-V3-style router, as smoe settings.
 
     transformers gives the experts of the dropped groups a score of -inf and takes the top K.
@@ -170,6 +193,8 @@ def _sigmoid_groups(name: str, router: nn.Module, top_k: int, E: int) -> dict[st
     and dropped; between the two, which dropped experts are picked is an artefact of the
     kernel's tie order, not a routing rule, and is refused.
     """
+    if router.num_group is None:  # A.X-K2: no group limit
+        return dict(n_groups=1, topk_groups=1)
     n_groups, topk_groups = int(router.num_group), int(router.topk_group)
     if n_groups <= 1:
         return dict(n_groups=1, topk_groups=1)

@@ -54,12 +54,13 @@ Flows besides a plain forward:
   refused with a ``ValueError``.
 * Configs transformers accepts but smoe's own config would reject are computed as transformers
   does (group-limited routing with top_k above the kept groups' experts, where the result is
-  well defined) or refused with the exact difference (see ``_sigmoid_groups``).
+  well defined) or refused with the exact difference (see ``smoe.hf.blocks._groups``).
 * Phi-3.5-MoE in training samples its experts and uses SparseMixer's Heun gradient estimator,
   drawing the same random numbers in the same order as the original
   (:class:`smoe.hf.routers.HFRouter`): with the same seed a float32 model trains identically.
 * Families smoe recognises but cannot compute (:data:`smoe.hf.families.REFUSED`) are refused
-  naming the missing feature.
+  naming the missing feature, as are blocks whose SwiGLU clamp is set (``Block.unclamped``:
+  Step-3.7's clamped layers); nothing is patched then.
 
 Limits: hooks that replace a module's ``forward`` themselves (accelerate's offloading) are not
 composed with. The router replay is not thread-safe while compiling (transformers' recorder
@@ -86,7 +87,7 @@ from smoe.hf.blocks import (
     _routing,
     experts_backend_for,
 )
-from smoe.hf.families import BLOCKS, REFUSED, SUPPORTED_FAMILIES, Block
+from smoe.hf.families import BLOCKS, NO_ROUTED_EXPERTS, REFUSED, SUPPORTED_FAMILIES, Block
 from smoe.hf.routers import HFRouter
 from smoe.nn.experts import DenseMLP
 from smoe.nn.moe import MoEInfo, MoELayer
@@ -214,6 +215,12 @@ class _Patch:
         if router_weight.shape != (ex["E"], ex["D"]):
             raise ValueError(f"smoe.hf: {type(block).__name__} router weight has shape "
                              f"{tuple(router_weight.shape)}, expected {(ex['E'], ex['D'])}")
+        for path in spec.unclamped:
+            limit = _read(block, router, path)
+            if limit is not None and limit != 0 and limit != float("inf"):
+                raise ValueError(f"smoe.hf: {type(block).__name__} clamps its SwiGLU "
+                                 f"({path.split('.')[-2]} limit {limit}: silu(gate) capped, up "
+                                 "clamped to +-limit), which no smoe activation computes")
         mlp = getattr(block, spec.shared, None) if spec.shared else None
         shared_gate = getattr(block, spec.shared_gate, None) if spec.shared_gate else None
         shared_bias = False
@@ -297,6 +304,8 @@ class _Patch:
         self.jitter = [_owner(block, router, p) for p in spec.jitter]
         self.output_bias = (_owner(block, router, spec.output_bias) if spec.output_bias
                             else None)
+        self.output_norm = (getattr(*_owner(block, router, spec.output_norm))
+                            if spec.output_norm else None)
         self.average = (spec.shared_combine is not None and mlp is not None
                         and _read(block, router, spec.shared_combine) == "average")
         self._saved: dict[str, Any] = {}
@@ -380,6 +389,8 @@ class _Patch:
         if layer.training != block.training:
             layer.train(block.training)
         x = hidden_states
+        if self.spec.returns == "flattened":  # a 1-D selection of tokens (ERNIE-4.5-VL)
+            x = x.reshape(-1, layer.config.hidden_size)
         logits_dtype = self._logits_dtype(x)
         in_float32 = logits_dtype == torch.float32
         if layer.router.logits_in_float32 != in_float32:  # nn.Module.__setattr__ is slow
@@ -404,10 +415,14 @@ class _Patch:
             y = y + getattr(*self.output_bias)
         if self.average:
             y = y / 2
+        if self.output_norm is not None:
+            y = self.output_norm(y)
         if returns == "hidden_and_weights":
             return y, routed[1]
         if returns == "flat_hidden_and_logits":
             return y.reshape(-1, y.shape[-1]), routed[1]
+        if returns == "flattened":
+            return y.flatten(), routed[0].flatten()
         return y
 
     def _router_output(self, x_TD: torch.Tensor, info: MoEInfo,
@@ -455,6 +470,9 @@ def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
              if type(m).__name__ in BLOCKS]
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        if model_type in NO_ROUTED_EXPERTS:
+            raise ValueError(f"smoe.hf.patch: nothing to patch: "
+                             f"{NO_ROUTED_EXPERTS[model_type]}")
         raise ValueError(f"smoe.hf.patch: no sparse MoE block smoe can run in this "
                          f"{model_type!r} model; supported families: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
