@@ -21,6 +21,7 @@ from torch import nn
 
 from smoe.inference.quantized_modules import (
     _INT4_CPU,
+    Int4Layout,
     _int8_kernel_fits,
     _pack_cpu_int4,
     _unpack_cpu_int4,
@@ -110,7 +111,7 @@ class Int8Linear(QuantizedLinear):
         return torch.mm(x_RK, (self.qweight.to(torch.bfloat16) * scales.unsqueeze(-1)).t())
 
 
-class Int4Linear(QuantizedLinear):
+class Int4Linear(Int4Layout, QuantizedLinear):
     """``nn.Linear`` with 4-bit weights, one bfloat16 (scale, zero) per ``group_size`` inputs:
     ``qweight`` uint8 [out, in/2] (portable packing), ``scales_zeros`` bf16 [in/g, out, 2]."""
 
@@ -161,18 +162,6 @@ class Int4Linear(QuantizedLinear):
             self._set_cpu_layout(False)
         return torch.mm(x_RK, dequantize_int4(unpack_nibbles(self.qweight), self.scales_zeros)
                         .to(x_RK.dtype).t())
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self._cpu_layout:
-            self._set_cpu_layout(False)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self._cpu_layout = False
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
 
 
 LINEAR_SCHEMES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}

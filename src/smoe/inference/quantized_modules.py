@@ -36,6 +36,7 @@ tests hold the kernels to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -45,6 +46,7 @@ from smoe.config import MoEConfig
 from smoe.nn.experts import Experts, ExpertsBase, activate
 
 __all__ = ["QuantizedExperts", "Int8Experts", "Int4Experts", "Bf16Experts", "EXPERT_SCHEMES",
+           "Int4Layout",
            "GROUP_SIZES", "quantize_int8", "quantize_int4", "dequantize_int8", "dequantize_int4",
            "pack_nibbles", "unpack_nibbles"]
 
@@ -300,7 +302,30 @@ class Int8Experts(QuantizedExperts):
         return dequantize_int8(getattr(self, name + "_qweight"), getattr(self, name + "_scales"))
 
 
-class Int4Experts(QuantizedExperts):
+class Int4Layout:
+    """What the int4 modules (experts here, linears in ``quantized_linears``) share: their
+    ``qweight`` buffers hold either the portable packing or the CPU kernel's (converted on first
+    use by ``_set_cpu_layout``); state dicts always hold the portable one, and loading resets to
+    it. Listed before the ``nn.Module`` base so these overrides come first."""
+
+    _cpu_layout: bool
+    group_size: int
+    _set_cpu_layout: Callable[[bool], None]   # each subclass converts its own buffers
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self._cpu_layout:
+            self._set_cpu_layout(False)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._cpu_layout = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int4Experts(Int4Layout, QuantizedExperts):
     """4-bit weights, one bfloat16 (scale, zero) per group of ``group_size`` inputs."""
 
     scheme = "int4"
@@ -372,19 +397,6 @@ class Int4Experts(QuantizedExperts):
         name = self._name(proj)
         return dequantize_int4(unpack_nibbles(getattr(self, name + "_qweight")),
                                getattr(self, name + "_scales_zeros"))
-
-    # State dicts always hold the portable packing; loading resets to it.
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self._cpu_layout:
-            self._set_cpu_layout(False)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self._cpu_layout = False
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
 
 
 EXPERT_SCHEMES: dict[str, type[QuantizedExperts]] = {
