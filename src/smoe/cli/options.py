@@ -13,7 +13,7 @@ from typing import Any
 
 from smoe.cli.errors import CLIError
 
-__all__ = ["add_runtime_options", "apply_runtime", "positive_int", "non_negative_int",
+__all__ = ["add_offload_options", "add_runtime_options", "apply_runtime", "positive_int", "non_negative_int",
            "load_config_file", "parse_set", "merge_settings", "CONFIG_SECTIONS", "DTYPE_NAMES"]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -135,3 +135,18 @@ def merge_settings(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 
 def env_debug() -> bool:
     return os.environ.get("SMOE_DEBUG", "") not in ("", "0")
+
+
+def add_offload_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--offload FRACTION / --offload-policy / --offload-store (see smoe.inference.offload),
+    shared by the commands that run a model; returns the group for command-specific additions."""
+    g = p.add_argument_group("offloaded experts")
+    g.add_argument("--offload", type=float, default=None, metavar="FRACTION",
+                   help="keep this fraction of the expert bytes in memory; the rest is read "
+                        "from a memory-mapped store on demand (the same tokens)")
+    g.add_argument("--offload-policy", choices=("lru", "lfu", "predict"), default="predict",
+                   help="cache eviction, or lru + next-layer-router prefetch (predict)")
+    g.add_argument("--offload-store", default=None, metavar="PATH",
+                   help="the store file (default: a temporary file, removed when the command "
+                        "ends)")
+    return g

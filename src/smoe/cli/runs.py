@@ -7,7 +7,8 @@ import os
 import sys
 
 from smoe.cli.errors import CLIError
-from smoe.cli.options import add_runtime_options, apply_runtime, non_negative_int, positive_int
+from smoe.cli.options import (add_offload_options, add_runtime_options, apply_runtime,
+                              non_negative_int, positive_int)
 
 __all__ = ["register_generate", "register_eval"]
 
@@ -56,14 +57,7 @@ def register_generate(sub: argparse._SubParsersAction) -> None:
 def _add_offload_options(p: argparse.ArgumentParser) -> None:
     """--offload FRACTION / --offload-policy / --offload-store / --stats-json (see
     smoe.inference.offload): the same text, with experts served from a memory-mapped store."""
-    g = p.add_argument_group("offloaded experts")
-    g.add_argument("--offload", type=float, default=None, metavar="FRACTION",
-                   help="keep this fraction of the expert bytes in memory; the rest is read "
-                        "from a memory-mapped store on demand")
-    g.add_argument("--offload-policy", choices=("lru", "lfu", "predict"), default="predict",
-                   help="cache eviction, or lru + next-layer-router prefetch (predict)")
-    g.add_argument("--offload-store", default=None, metavar="PATH",
-                   help="the store file (default: a temporary file, removed at the end)")
+    g = add_offload_options(p)
     g.add_argument("--stats-json", default=None, metavar="PATH",
                    help="write hit rate, bytes moved per token, prefetch precision/recall, "
                         "stall time and tokens/s as JSON")

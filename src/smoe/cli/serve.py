@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from smoe.cli.options import add_offload_options
+
 __all__ = ["register_serve"]
 
 
@@ -42,14 +44,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                    help="serve a capacity-factor model dropless (else it is refused)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    g = p.add_argument_group("offloaded experts")
-    g.add_argument("--offload", type=float, default=None, metavar="FRACTION",
-                   help="keep this fraction of the expert bytes in memory; the rest is read "
-                        "from a memory-mapped store on demand (the same tokens)")
-    g.add_argument("--offload-policy", choices=("lru", "lfu", "predict"), default="predict",
-                   help="cache eviction, or lru + next-layer-router prefetch (predict)")
-    g.add_argument("--offload-store", default=None, metavar="PATH",
-                   help="the store file (default: a temporary file, removed at shutdown)")
+    add_offload_options(p)
     from smoe.cli.hybrid import add_hybrid_arguments
 
     add_hybrid_arguments(p)

@@ -16,6 +16,8 @@ on the first CPU call and undone when a state dict is taken).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ from smoe.inference.quantized_modules import (
 __all__ = ["QuantizedLinear", "Int8Linear", "Int4Linear", "LINEAR_SCHEMES"]
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, metaclass=abc.ABCMeta):
     """Base: shape, bias, the inference-only check, bf16 in / caller's dtype out."""
 
     scheme = ""
@@ -46,16 +48,17 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
+    @abc.abstractmethod
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel computes with, float32 [out, in]."""
-        raise NotImplementedError(f"{type(self).__name__} must implement dequantized")
 
+    @abc.abstractmethod
     def _matmul(self, x_RK: torch.Tensor) -> torch.Tensor:
         """x (bfloat16, contiguous) times the weight, transposed: [R, out] bfloat16."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _matmul")
 
+    @abc.abstractmethod
     def _quantize_from(self, w_NK: torch.Tensor) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _quantize_from")
+        """Pack the float weight ``w_NK`` into this scheme's buffers."""
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **kwargs) -> "QuantizedLinear":

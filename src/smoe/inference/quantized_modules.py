@@ -36,6 +36,7 @@ tests hold the kernels to.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -135,7 +136,7 @@ def _source_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, boo
 
 
 # -- experts ------------------------------------------------------------------------------
-class QuantizedExperts(ExpertsBase):
+class QuantizedExperts(ExpertsBase, metaclass=abc.ABCMeta):
     """Base of the quantized experts: the experts protocol (``forward`` over expert-sorted rows
     with counts, ``expert_forward`` for one expert, ``num_experts``, ``config``) on top of one
     per-expert matmul that each scheme provides. Inference only."""
@@ -162,17 +163,17 @@ class QuantizedExperts(ExpertsBase):
         return self.in_name if proj == "in" else "down_proj"
 
     # -- what each scheme provides --------------------------------------------------------
+    @abc.abstractmethod
     def _quantize_from(self, proj: str, w_ENK: torch.Tensor) -> None:
         """Pack the float weight ``w_ENK`` of ``proj`` (each scheme's subclass does it)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _quantize_from")
 
+    @abc.abstractmethod
     def _matmul(self, x_RK: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         """x (bfloat16) times expert e's weight of ``proj``, transposed: [R, N] bfloat16."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _matmul")
 
+    @abc.abstractmethod
     def dequantized(self, proj: str) -> torch.Tensor:
         """The weight the kernels compute with, as float32 [E, N, K]."""
-        raise NotImplementedError(f"{type(self).__name__} must implement dequantized")
 
     # -- building -------------------------------------------------------------------------
     @classmethod
