@@ -13,7 +13,8 @@ from typing import Any
 
 from smoe.cli.errors import CLIError
 
-__all__ = ["add_offload_options", "add_runtime_options", "apply_runtime", "positive_int", "non_negative_int",
+__all__ = ["add_offload_options", "add_runtime_options", "apply_runtime", "positive_int",
+           "non_negative_int",
            "load_config_file", "parse_set", "merge_settings", "CONFIG_SECTIONS", "DTYPE_NAMES"]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
